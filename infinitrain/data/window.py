@@ -1,0 +1,33 @@
+"""The unit of training data: the next window of k segments from each of B document streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+"""Label of a token that is not supervised (padding, prompt, the body of a book before its summary)."""
+
+
+@dataclass
+class Window:
+    input_ids: Tensor
+    """[B, k·N] token ids."""
+    labels: Tensor
+    """[B, k·N] next-token targets, IGNORE_INDEX where not supervised."""
+    reset: Tensor
+    """[B, k] bool: True where a stream starts a new document at that segment (memory emptied)."""
+
+    @property
+    def has_supervision(self) -> bool:
+        """False for windows (e.g. the body of a book) that only need reading into memory."""
+        return bool((self.labels != IGNORE_INDEX).any())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device: torch.device | str) -> Window:
+        return Window(self.input_ids.to(device), self.labels.to(device), self.reset.to(device))

@@ -1,0 +1,171 @@
+"""Infini-attention: causal softmax attention inside a segment, compressive memory across segments.
+
+Incoming tokens are cut at segment boundaries given how much of the current segment the state
+already holds: an optional head that completes a partial segment, a run of whole segments processed
+all at once (the training path), and an optional tail that starts a new partial segment. Every piece
+uses the same local attention and the same memory functions, so the output never depends on how a
+stream is chunked.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import memory as mem
+from .config import ModelConfig
+from .layers import apply_rope, rope_frequencies
+from .state import LayerState
+
+try:  # optional GPU extra
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - exercised only where flash-attn is installed
+    flash_attn_func = None
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention where the L_q queries are the last L_q of the L_k key positions.
+
+    q [b, L_q, H_q, d], k/v [b, L_k, H_kv, d] -> [b, L_q, H_q, d]. Query head h reads key/value
+    head h // (H_q / H_kv), the grouping the memory uses too.
+    """
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_func(q, k, v, causal=True)  # bottom-right aligned causal mask
+    q_len, k_len = q.shape[1], k.shape[1]
+    if q_len == k_len:
+        mask, causal = None, True
+    elif q_len == 1:
+        mask, causal = None, False
+    else:
+        key_pos = torch.arange(k_len, device=q.device)
+        query_pos = torch.arange(k_len - q_len, k_len, device=q.device)
+        mask, causal = key_pos[None, :] <= query_pos[:, None], False
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=causal, enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def group_queries(x: Tensor, n_kv_heads: int) -> Tensor:
+    """[B, S, L, H_q, d] -> [B, S, H_kv, G·L, d]: the G query heads of a group read one memory."""
+    b, s, length, h_q, d = x.shape
+    group = h_q // n_kv_heads
+    x = x.view(b, s, length, n_kv_heads, group, d).permute(0, 1, 3, 4, 2, 5)
+    return x.reshape(b, s, n_kv_heads, group * length, d)
+
+
+def ungroup_queries(x: Tensor, length: int) -> Tensor:
+    """Inverse of :func:`group_queries`: [B, S, H_kv, G·L, d] -> [B, S·L, H_q, d]."""
+    b, s, h_kv, gl, d = x.shape
+    group = gl // length
+    x = x.view(b, s, h_kv, group, length, d).permute(0, 1, 4, 2, 3, 5)
+    return x.reshape(b, s * length, h_kv * group, d)
+
+
+def by_kv_head(x: Tensor, segments: int) -> Tensor:
+    """[B, S·L, H_kv, d] -> [B, S, H_kv, L, d]."""
+    b, t, h, d = x.shape
+    return x.view(b, segments, t // segments, h, d).transpose(2, 3)
+
+
+class InfiniAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, h_q, h_kv = config.head_dim, config.n_heads, config.n_kv_heads
+        self.q_proj = nn.Linear(config.d_model, h_q * d, bias=False)
+        self.k_proj = nn.Linear(config.d_model, h_kv * d, bias=False)
+        self.v_proj = nn.Linear(config.d_model, h_kv * d, bias=False)
+        self.o_proj = nn.Linear(h_q * d, config.d_model, bias=False)
+        self.gate = nn.Parameter(torch.full((h_q,), float(config.gate_init)))
+        """β per query head: sigmoid(β) weighs memory against local attention."""
+        self.register_buffer("inv_freq", rope_frequencies(d, config.rope_theta), persistent=False)
+
+    def forward(self, x: Tensor, state: LayerState, reset: Tensor | None = None,
+                use_memory: bool = True) -> tuple[Tensor, LayerState]:
+        b, t, _ = x.shape
+        cfg = self.config
+        q = self.q_proj(x).view(b, t, cfg.n_heads, cfg.head_dim)
+        k = self.k_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim)
+
+        n = cfg.segment_len
+        cached = state.keys.shape[1]
+        head = min(t, n - cached) if cached else 0
+        whole = (t - head) // n * n
+
+        # reset has one column per segment *starting* in this chunk: the whole ones, then the tail.
+        outputs = []
+        if head:
+            out, state = self._partial(q[:, :head], k[:, :head], v[:, :head], state, None)
+            outputs.append(out)
+        if whole:
+            piece = slice(head, head + whole)
+            seg_reset = None if reset is None else reset[:, : whole // n]
+            out, state = self._segments(q[:, piece], k[:, piece], v[:, piece], state, seg_reset)
+            outputs.append(out)
+        if head + whole < t:
+            tail = slice(head + whole, t)
+            tail_reset = None if reset is None else reset[:, whole // n]
+            out, state = self._partial(q[:, tail], k[:, tail], v[:, tail], state, tail_reset)
+            outputs.append(out)
+
+        local, retrieved = (torch.cat(parts, dim=1) for parts in zip(*outputs))
+        if use_memory:
+            g = torch.sigmoid(self.gate.float())[:, None]
+            mixed = g * retrieved + (1 - g) * local.float()
+        else:
+            mixed = local
+        return self.o_proj(mixed.to(x.dtype).reshape(b, t, -1)), state
+
+    def _segments(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState,
+                  reset: Tensor | None) -> tuple[tuple[Tensor, Tensor], LayerState]:
+        """A run of S whole segments: local attention batched over segments, memory scanned."""
+        b, t, h_q, d = q.shape
+        n = self.config.segment_len
+        s = t // n
+        positions = torch.arange(n, device=q.device)
+        local = local_attention(
+            apply_rope(q.reshape(b * s, n, h_q, d), positions, self.inv_freq),
+            apply_rope(k.reshape(b * s, n, -1, d), positions, self.inv_freq),
+            v.reshape(b * s, n, -1, d),
+        ).reshape(b, t, h_q, d)
+        with torch.autocast(q.device.type, enabled=False):
+            sigma_q = group_queries(mem.feature_map(q).view(b, s, n, h_q, d), k.shape[2])
+            retrieved, memory, norm = mem.scan(
+                sigma_q, by_kv_head(mem.feature_map(k), s), by_kv_head(v.float(), s),
+                state.memory, state.norm, self.config.memory_rule, reset,
+            )
+        new_state = LayerState(memory, norm, state.keys, state.values)
+        return (local, ungroup_queries(retrieved, n)), new_state
+
+    def _partial(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState,
+                 reset: Tensor | None) -> tuple[tuple[Tensor, Tensor], LayerState]:
+        """Tokens within one segment that the state already holds a prefix of (maybe empty).
+
+        Queries attend to the cached prefix; the segment is folded into memory once complete.
+        """
+        memory, norm = state.memory, state.norm
+        if reset is not None:
+            memory = torch.where(reset[:, None, None, None], torch.zeros_like(memory), memory)
+            norm = torch.where(reset[:, None, None], torch.zeros_like(norm), norm)
+        keys = torch.cat([state.keys, k], dim=1)
+        values = torch.cat([state.values, v], dim=1)
+        total, length = keys.shape[1], q.shape[1]
+        positions = torch.arange(total, device=q.device)
+        local = local_attention(
+            apply_rope(q, positions[total - length:], self.inv_freq),
+            apply_rope(keys, positions, self.inv_freq),
+            values,
+        )
+        with torch.autocast(q.device.type, enabled=False):
+            sigma_q = group_queries(mem.feature_map(q).unsqueeze(1), k.shape[2])
+            retrieved = mem.retrieve(sigma_q[:, 0], memory, norm).unsqueeze(1)
+            if total == self.config.segment_len:
+                memory, norm = mem.update(mem.feature_map(keys).transpose(1, 2),
+                                          values.float().transpose(1, 2), memory, norm,
+                                          self.config.memory_rule)
+                keys, values = keys[:, :0], values[:, :0]
+        return (local, ungroup_queries(retrieved, length)), LayerState(memory, norm, keys, values)

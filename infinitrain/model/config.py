@@ -1,0 +1,115 @@
+"""Model configuration and presets.
+
+Torch-free on purpose: the Hugging Face export copies this file next to the modeling code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+MEMORY_RULES = ("linear", "delta")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and memory settings of a Llama-style Infini-Transformer."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int = 0
+    """Width of one head; 0 means d_model // n_heads."""
+    segment_len: int = 2048
+    """N: tokens per segment. Local softmax attention never looks across a segment boundary."""
+    memory_rule: str = "delta"
+    """'linear' (M += σ(K)ᵀV) or 'delta' (M += σ(K)ᵀ(V − retrieved))."""
+    gate_init: float = 0.0
+    """Initial β of every head; sigmoid(0) = 0.5 mixes memory and local attention equally."""
+    rope_theta: float = 500_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.d_model // max(self.n_heads, 1))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                     "head_dim", "segment_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model.{name} = {value!r}: must be a positive integer")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads = {self.n_kv_heads}: must divide model.n_heads = {self.n_heads} "
+                "(each key/value head, and its memory, serves a whole group of query heads)"
+            )
+        if self.memory_rule not in MEMORY_RULES:
+            raise ConfigError(
+                f"model.memory_rule = {self.memory_rule!r}: must be one of {', '.join(MEMORY_RULES)}"
+            )
+        if self.rope_theta <= 0:
+            raise ConfigError(f"model.rope_theta = {self.rope_theta!r}: must be > 0")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"model.norm_eps = {self.norm_eps!r}: must be > 0")
+        if self.init_std <= 0:
+            raise ConfigError(f"model.init_std = {self.init_std!r}: must be > 0")
+
+    @property
+    def kv_group_size(self) -> int:
+        """Query heads that share one key/value head (and its memory)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def memory_floats_per_layer(self) -> int:
+        """Floats of compressive memory per layer: d_k × (d_v + 1) per key/value head."""
+        return self.n_kv_heads * self.head_dim * (self.head_dim + 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"model.{unknown[0]}: unknown field; allowed fields: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def with_updates(self, **changes: Any) -> ModelConfig:
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Runs in minutes on a laptop CPU; vocabulary sized for the bundled byte-level BPE tokenizer.
+    "tiny": ModelConfig(
+        vocab_size=4096, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384,
+        segment_len=64, tie_embeddings=True,
+    ),
+    # Llama-3.2-1B shape, so a Llama checkpoint can be continually pretrained.
+    "1b": ModelConfig(
+        vocab_size=128_256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+        segment_len=2048, tie_embeddings=True,
+    ),
+    # Llama-3.1-8B shape.
+    "8b": ModelConfig(
+        vocab_size=128_256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14_336,
+        segment_len=2048, tie_embeddings=False,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A preset by name, with optional field overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset = {name!r}: unknown; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].with_updates(**overrides)

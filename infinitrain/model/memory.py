@@ -1,0 +1,60 @@
+"""Compressive memory of Infini-attention (paper §2.1.2), the one implementation of it.
+
+All functions take σ(Q), σ(K) and V already laid out per key/value head and compute in float32 with
+autocast disabled: ``z`` is a running sum over every token read, which bf16 stops growing near 766K
+tokens and fp16 overflows near 57K (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def feature_map(x: Tensor) -> Tensor:
+    """σ(x) = ELU(x) + 1: strictly positive, so σ(q)·z > 0 once anything has been written."""
+    return F.elu(x.float()) + 1.0
+
+
+def retrieve(sigma_q: Tensor, memory: Tensor, norm: Tensor) -> Tensor:
+    """A_mem = σ(Q) M / (σ(Q) z); exactly 0 where nothing was written (never NaN).
+
+    sigma_q [..., L, d_k], memory [..., d_k, d_v], norm [..., d_k] -> [..., L, d_v].
+    """
+    numerator = sigma_q @ memory
+    denominator = sigma_q @ norm.unsqueeze(-1)
+    written = denominator > 0
+    safe = torch.where(written, denominator, torch.ones_like(denominator))
+    return torch.where(written, numerator / safe, torch.zeros_like(numerator))
+
+
+def update(sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
+           rule: str) -> tuple[Tensor, Tensor]:
+    """Write one whole segment into memory (linear or delta rule); returns (M_s, z_s).
+
+    sigma_k [..., N, d_k], values [..., N, d_v], memory [..., d_k, d_v], norm [..., d_k].
+    """
+    if rule == "delta":
+        values = values - retrieve(sigma_k, memory, norm)
+    return memory + sigma_k.transpose(-1, -2) @ values, norm + sigma_k.sum(dim=-2)
+
+
+def scan(sigma_q: Tensor, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
+         rule: str, reset: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Retrieve-then-update over S consecutive whole segments.
+
+    sigma_q [B, S, H_kv, L_q, d_k] (the query heads of a group stacked along L_q),
+    sigma_k [B, S, H_kv, N, d_k], values [B, S, H_kv, N, d_v], memory/norm the state before the
+    first segment, reset [B, S] bool empties a stream's memory before that segment.
+    Returns (A_mem [B, S, H_kv, L_q, d_v], M_S, z_S).
+    """
+    retrieved = []
+    for s in range(sigma_q.shape[1]):
+        if reset is not None:
+            keep = ~reset[:, s, None, None]
+            memory = torch.where(keep[..., None], memory, torch.zeros_like(memory))
+            norm = torch.where(keep, norm, torch.zeros_like(norm))
+        retrieved.append(retrieve(sigma_q[:, s], memory, norm))
+        memory, norm = update(sigma_k[:, s], values[:, s], memory, norm, rule)
+    return torch.stack(retrieved, dim=1), memory, norm

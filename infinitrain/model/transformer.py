@@ -1,0 +1,111 @@
+"""Llama-style decoder whose every attention layer is Infini-attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import InfiniAttention
+from .config import ModelConfig
+from .layers import RMSNorm, SwiGLU
+from .state import InfiniState, LayerState
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = InfiniAttention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.ffn_dim)
+
+    def forward(self, x: Tensor, state: LayerState, reset: Tensor | None,
+                use_memory: bool) -> tuple[Tensor, LayerState]:
+        attended, state = self.attn(self.attn_norm(x), state, reset, use_memory)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class InfiniTransformer(nn.Module):
+    """``forward(input_ids, state, reset) -> (logits, new_state)`` over any number of tokens.
+
+    Whole segments in the chunk are processed in parallel; a trailing partial segment is kept in
+    the state and completed by the next call, so training, streaming prefill and token-by-token
+    decoding all run the same code.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, InfiniAttention):
+                nn.init.constant_(module.gate, self.config.gate_init)
+
+    def empty_state(self, batch_size: int, device: torch.device | str | None = None) -> InfiniState:
+        weight = self.embed_tokens.weight
+        device = weight.device if device is None else device
+        return InfiniState([
+            LayerState.empty(batch_size, self.config.n_kv_heads, self.config.head_dim, device,
+                             weight.dtype)
+            for _ in self.layers
+        ])
+
+    def forward(self, input_ids: Tensor, state: InfiniState | None = None,
+                reset: Tensor | None = None, use_memory: bool = True,
+                logits_to_keep: int = 0) -> tuple[Tensor, InfiniState]:
+        """Run ``input_ids`` [B, T] on from ``state`` (empty if None).
+
+        reset: bool [B, segments starting in this chunk]; True empties that stream's memory
+        before the segment (a new document begins). use_memory=False forces every gate to local
+        attention (the memory-disabled baseline). logits_to_keep: 0 for all positions, else the
+        last n only (prefilling 1M tokens needs no 128K-vocabulary logits per token).
+        """
+        batch, length = input_ids.shape
+        if state is None:
+            state = self.empty_state(batch, input_ids.device)
+        if state.batch_size != batch:
+            raise ValueError(f"state holds {state.batch_size} streams but input_ids has {batch}")
+        if reset is not None:
+            starts = _segments_starting(state.partial_len, length, self.config.segment_len)
+            if reset.shape != (batch, starts):
+                raise ValueError(f"reset has shape {tuple(reset.shape)}; expected ({batch}, "
+                                 f"{starts}): one flag per segment starting in this chunk")
+        x = self.embed_tokens(input_ids)
+        new_layers = []
+        for block, layer_state in zip(self.layers, state.layers):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, layer_state = checkpoint(block, x, layer_state, reset, use_memory,
+                                            use_reentrant=False)
+            else:
+                x, layer_state = block(x, layer_state, reset, use_memory)
+            new_layers.append(layer_state)
+        hidden = self.norm(x if logits_to_keep == 0 else x[:, -logits_to_keep:])
+        return self.lm_head(hidden), InfiniState(new_layers)
+
+    def memory_gates(self) -> Tensor:
+        """sigmoid(β) per layer and query head: [n_layers, n_heads]; 1 = memory, 0 = local."""
+        return torch.stack([torch.sigmoid(block.attn.gate.detach().float())
+                            for block in self.layers])
+
+
+def _segments_starting(partial: int, length: int, segment_len: int) -> int:
+    """How many segments begin inside a chunk of ``length`` tokens after ``partial`` cached ones."""
+    if partial:
+        head = min(length, segment_len - partial)
+        length -= head
+    return -(-length // segment_len)
