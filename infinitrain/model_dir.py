@@ -1,0 +1,71 @@
+"""A model directory: the inference-ready form of a model, shared by training and evaluation.
+
+Every training checkpoint ``step-XXXXXXXX/`` contains one (besides optimizer and trainer state),
+so ``--model`` of every evaluation command accepts a checkpoint directory as it is:
+
+    model_config.json    ModelConfig fields
+    model.safetensors    float32 weights (tied weights stored once)
+    tokenizer/           tokenizer files (optional)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import InfiniTransformer, ModelConfig
+
+CONFIG_FILE = "model_config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+class ModelDirError(FileNotFoundError):
+    """A path that should be a model directory is not one; the message says what is missing."""
+
+
+def save_model_dir(model: InfiniTransformer, out_dir: str | Path,
+                   tokenizer_dir: str | Path | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    weights = {name: t.detach().to("cpu", torch.float32).contiguous()
+               for name, t in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    save_file(weights, str(out / WEIGHTS_FILE))
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != (out / TOKENIZER_DIR).resolve():
+        shutil.copytree(tokenizer_dir, out / TOKENIZER_DIR, dirs_exist_ok=True)
+    return out
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        raise ModelDirError(f"{path}: not a model directory (no {CONFIG_FILE}); pass a training "
+                            "checkpoint directory such as runs/tiny/step-00000100")
+    return ModelConfig.from_dict(json.loads(config_file.read_text()))
+
+
+def load_model_dir(path: str | Path, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> InfiniTransformer:
+    """The model stored at ``path``, in eval mode."""
+    config = load_model_config(path)
+    weights_file = Path(path) / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise ModelDirError(f"{path}: has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    model = InfiniTransformer(config)
+    weights = load_file(str(weights_file))
+    if config.tie_embeddings:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    model.load_state_dict(weights)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def tokenizer_path(path: str | Path) -> Path | None:
+    candidate = Path(path) / TOKENIZER_DIR
+    return candidate if candidate.is_dir() else None
