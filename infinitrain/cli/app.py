@@ -1,8 +1,10 @@
-"""Root Typer application; each command group lives in its own module."""
+"""Root Typer application; each command group lives in its own module and registers itself."""
 
 from __future__ import annotations
 
 import typer
+
+from . import evaluate, tokenizer, train
 
 app = typer.Typer(
     name="infinitrain",
@@ -10,3 +12,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+for module in (train, evaluate, tokenizer):
+    module.register(app)
