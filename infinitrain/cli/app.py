@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import evaluate, tokenizer, train
+from . import evaluate, model_info, tokenizer, train
 
 app = typer.Typer(
     name="infinitrain",
@@ -13,5 +13,5 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (train, evaluate, tokenizer):
+for module in (train, evaluate, model_info, tokenizer):
     module.register(app)
