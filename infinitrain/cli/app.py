@@ -15,3 +15,8 @@ app = typer.Typer(
 
 for module in (train, evaluate, model_info, tokenizer):
     module.register(app)
+
+
+@app.callback()
+def main() -> None:
+    """Train, evaluate and export long-context Infini-Transformers."""
