@@ -38,8 +38,9 @@ def save_model_dir(model: InfiniTransformer, out_dir: str | Path,
     if model.config.tie_embeddings:
         weights.pop("lm_head.weight", None)
     save_file(weights, str(out / WEIGHTS_FILE))
-    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != (out / TOKENIZER_DIR).resolve():
-        shutil.copytree(tokenizer_dir, out / TOKENIZER_DIR, dirs_exist_ok=True)
+    target = out / TOKENIZER_DIR
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != target.resolve():
+        shutil.copytree(tokenizer_dir, target, dirs_exist_ok=True)
     return out
 
 

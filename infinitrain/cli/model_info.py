@@ -35,14 +35,16 @@ def model_info(
                   f"{config.n_heads} query / {config.n_kv_heads} key-value heads × "
                   f"{config.head_dim}, segment {config.segment_len} tokens, "
                   f"{config.memory_rule} memory rule")
-    table = Table(title="Memory per stream: compressive memory (fp32) vs full-attention KV cache (bf16)")
+    table = Table(title="Memory per stream: compressive memory (fp32) vs full-attention KV cache "
+                        "(bf16)")
     table.add_column("context")
     table.add_column("Infini memory", justify="right")
     table.add_column("KV cache", justify="right")
     table.add_column("compression", justify="right")
     for label, tokens in CONTEXTS.items():
         kv = kv_cache_nbytes(config.n_layers, config.n_kv_heads, config.head_dim, tokens)
-        table.add_row(label, human_bytes(memory_bytes), human_bytes(kv), f"{kv / memory_bytes:,.0f}×")
+        table.add_row(label, human_bytes(memory_bytes), human_bytes(kv),
+                      f"{kv / memory_bytes:,.0f}×")
     console.print(table)
 
 

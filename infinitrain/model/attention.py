@@ -112,7 +112,7 @@ class InfiniAttention(nn.Module):
             out, state = self._partial(q[:, tail], k[:, tail], v[:, tail], state, tail_reset)
             outputs.append(out)
 
-        local, retrieved = (torch.cat(parts, dim=1) for parts in zip(*outputs))
+        local, retrieved = (torch.cat(parts, dim=1) for parts in zip(*outputs, strict=True))
         if use_memory:
             g = torch.sigmoid(self.gate.float())[:, None]
             mixed = g * retrieved + (1 - g) * local.float()
@@ -132,12 +132,11 @@ class InfiniAttention(nn.Module):
             apply_rope(k.reshape(b * s, n, -1, d), positions, self.inv_freq),
             v.reshape(b * s, n, -1, d),
         ).reshape(b, t, h_q, d)
-        with torch.autocast(q.device.type, enabled=False):
-            sigma_q = group_queries(mem.feature_map(q).view(b, s, n, h_q, d), k.shape[2])
-            retrieved, memory, norm = mem.scan(
-                sigma_q, by_kv_head(mem.feature_map(k), s), by_kv_head(v.float(), s),
-                state.memory, state.norm, self.config.memory_rule, reset,
-            )
+        sigma_q = group_queries(mem.feature_map(q).view(b, s, n, h_q, d), k.shape[2])
+        retrieved, memory, norm = mem.scan(
+            sigma_q, by_kv_head(mem.feature_map(k), s), by_kv_head(v, s),
+            state.memory, state.norm, self.config.memory_rule, reset,
+        )
         new_state = LayerState(memory, norm, state.keys, state.values)
         return (local, ungroup_queries(retrieved, n)), new_state
 
@@ -160,12 +159,11 @@ class InfiniAttention(nn.Module):
             apply_rope(keys, positions, self.inv_freq),
             values,
         )
-        with torch.autocast(q.device.type, enabled=False):
-            sigma_q = group_queries(mem.feature_map(q).unsqueeze(1), k.shape[2])
-            retrieved = mem.retrieve(sigma_q[:, 0], memory, norm).unsqueeze(1)
-            if total == self.config.segment_len:
-                memory, norm = mem.update(mem.feature_map(keys).transpose(1, 2),
-                                          values.float().transpose(1, 2), memory, norm,
-                                          self.config.memory_rule)
-                keys, values = keys[:, :0], values[:, :0]
+        sigma_q = group_queries(mem.feature_map(q).unsqueeze(1), k.shape[2])
+        retrieved = mem.retrieve(sigma_q[:, 0], memory, norm).unsqueeze(1)
+        if total == self.config.segment_len:
+            memory, norm = mem.update(mem.feature_map(keys).transpose(1, 2),
+                                      values.transpose(1, 2), memory, norm,
+                                      self.config.memory_rule)
+            keys, values = keys[:, :0], values[:, :0]
         return (local, ungroup_queries(retrieved, length)), LayerState(memory, norm, keys, values)

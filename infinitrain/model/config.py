@@ -52,9 +52,8 @@ class ModelConfig:
                 "(each key/value head, and its memory, serves a whole group of query heads)"
             )
         if self.memory_rule not in MEMORY_RULES:
-            raise ConfigError(
-                f"model.memory_rule = {self.memory_rule!r}: must be one of {', '.join(MEMORY_RULES)}"
-            )
+            raise ConfigError(f"model.memory_rule = {self.memory_rule!r}: must be one of "
+                              f"{', '.join(MEMORY_RULES)}")
         if self.rope_theta <= 0:
             raise ConfigError(f"model.rope_theta = {self.rope_theta!r}: must be > 0")
         if self.norm_eps <= 0:

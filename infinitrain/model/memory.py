@@ -1,15 +1,34 @@
 """Compressive memory of Infini-attention (paper §2.1.2), the one implementation of it.
 
 All functions take σ(Q), σ(K) and V already laid out per key/value head and compute in float32 with
-autocast disabled: ``z`` is a running sum over every token read, which bf16 stops growing near 766K
-tokens and fp16 overflows near 57K (DESIGN.md §2).
+autocast disabled, whatever the caller's precision: ``z`` is a running sum over every token read,
+which bf16 stops growing near 766K tokens and fp16 overflows near 57K (DESIGN.md §2).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+F_ = TypeVar("F_", bound=Callable)
+
+
+def float32(fn: F_) -> F_:
+    """Run ``fn`` with autocast off and every tensor argument in float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        args = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def feature_map(x: Tensor) -> Tensor:
@@ -17,6 +36,7 @@ def feature_map(x: Tensor) -> Tensor:
     return F.elu(x.float()) + 1.0
 
 
+@float32
 def retrieve(sigma_q: Tensor, memory: Tensor, norm: Tensor) -> Tensor:
     """A_mem = σ(Q) M / (σ(Q) z); exactly 0 where nothing was written (never NaN).
 
@@ -29,6 +49,7 @@ def retrieve(sigma_q: Tensor, memory: Tensor, norm: Tensor) -> Tensor:
     return torch.where(written, numerator / safe, torch.zeros_like(numerator))
 
 
+@float32
 def update(sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
            rule: str) -> tuple[Tensor, Tensor]:
     """Write one whole segment into memory (linear or delta rule); returns (M_s, z_s).
@@ -40,6 +61,7 @@ def update(sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
     return memory + sigma_k.transpose(-1, -2) @ values, norm + sigma_k.sum(dim=-2)
 
 
+@float32
 def scan(sigma_q: Tensor, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
          rule: str, reset: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Retrieve-then-update over S consecutive whole segments.

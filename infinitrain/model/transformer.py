@@ -87,7 +87,7 @@ class InfiniTransformer(nn.Module):
                                  f"{starts}): one flag per segment starting in this chunk")
         x = self.embed_tokens(input_ids)
         new_layers = []
-        for block, layer_state in zip(self.layers, state.layers):
+        for block, layer_state in zip(self.layers, state.layers, strict=True):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x, layer_state = checkpoint(block, x, layer_state, reset, use_memory,
                                             use_reentrant=False)

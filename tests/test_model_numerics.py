@@ -1,0 +1,159 @@
+"""Failure modes of public Infini-attention ports: NaN, precision, dead gradients, shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from infinitrain.model import ConfigError, InfiniState, InfiniTransformer, LayerState, preset
+from infinitrain.model import memory as mem
+from infinitrain.model.attention import InfiniAttention
+
+
+def small_config(**overrides):
+    values = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                  segment_len=8)
+    values.update(overrides)
+    return preset("tiny", **values)
+
+
+def test_empty_memory_retrieves_exact_zeros_with_finite_gradients() -> None:
+    sigma_q = mem.feature_map(torch.randn(2, 5, 16, requires_grad=True))
+    memory = torch.zeros(2, 16, 16, requires_grad=True)
+    norm = torch.zeros(2, 16, requires_grad=True)
+    out = mem.retrieve(sigma_q, memory, norm)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.isfinite(memory.grad).all() and torch.isfinite(norm.grad).all()
+
+
+def test_first_segment_and_long_stream_stay_finite() -> None:
+    torch.manual_seed(0)
+    model = InfiniTransformer(small_config()).eval()
+    state = None
+    with torch.no_grad():
+        for _ in range(200):  # 200 segments, far beyond any training window
+            logits, state = model(torch.randint(0, 97, (2, 8)), state)
+            assert torch.isfinite(logits).all()
+    for layer in state.layers:
+        assert torch.isfinite(layer.memory).all() and torch.isfinite(layer.norm).all()
+
+
+def test_memory_stays_float32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    model = InfiniTransformer(small_config())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, state = model(torch.randint(0, 97, (2, 24)))
+    assert logits.dtype == torch.bfloat16
+    assert all(layer.memory.dtype == torch.float32 and layer.norm.dtype == torch.float32
+               for layer in state.layers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, state = model(torch.randint(0, 97, (2, 24)), state)
+    assert torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_memory_math_ignores_autocast(rule: str) -> None:
+    torch.manual_seed(0)
+    sigma_q, sigma_k = (mem.feature_map(torch.randn(2, 3, 2, 16, 8)) for _ in range(2))
+    values = torch.randn(2, 3, 2, 16, 8).bfloat16()  # bf16 activations, as under autocast
+    memory, norm = torch.rand(2, 2, 8, 8) * 100, torch.rand(2, 2, 8) * 1e5
+    expected = mem.scan(sigma_q, sigma_k, values.float(), memory, norm, rule)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mem.scan(sigma_q, sigma_k, values, memory, norm, rule)
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours.dtype == torch.float32
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=0), rule
+
+
+def test_normaliser_accumulates_a_million_tokens_exactly_enough() -> None:
+    """z is a running sum; bf16 stalls near 766K tokens and fp16 overflows (DESIGN.md §2)."""
+    torch.manual_seed(0)
+    segment, d = 2048, 64
+    memory, norm = torch.zeros(1, d, d), torch.zeros(1, d)
+    exact = torch.zeros(d, dtype=torch.float64)
+    bf16_norm = torch.zeros(d, dtype=torch.bfloat16)  # what a bf16 state would hold
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(1_048_576 // segment):
+            sigma_k = mem.feature_map(torch.randn(1, segment, d))
+            memory, norm = mem.update(sigma_k, torch.randn(1, segment, d), memory, norm, "linear")
+            exact += sigma_k[0].double().sum(0)
+            bf16_norm += sigma_k[0].sum(0).bfloat16()
+    assert norm.dtype == torch.float32
+    relative = ((norm[0].double() - exact).abs() / exact).max().item()
+    assert relative < 1e-5, relative
+    bf16_relative = ((bf16_norm.double() - exact).abs() / exact).max().item()
+    assert bf16_relative > 1e-3  # the trap the float32 state avoids
+
+
+def test_gradient_flows_through_memory_writes_and_stops_at_detach() -> None:
+    torch.manual_seed(0)
+    cfg = small_config()
+    attn = InfiniAttention(cfg)
+    n = cfg.segment_len
+    empty = LayerState.empty(1, cfg.n_kv_heads, cfg.head_dim, None, torch.float32)
+
+    x = torch.randn(1, 3 * n, cfg.d_model, requires_grad=True)
+    out, _ = attn(x, empty)
+    out[:, 2 * n:].sum().backward()  # loss on segment 3 only
+    assert x.grad[:, :n].abs().sum() > 0  # segment 1 reaches it, through memory alone
+    assert attn.k_proj.weight.grad.abs().sum() > 0 and attn.v_proj.weight.grad.abs().sum() > 0
+
+    x.grad = None
+    out, _ = attn(x, empty, use_memory=False)
+    out[:, 2 * n:].sum().backward()
+    assert torch.equal(x.grad[:, :n], torch.zeros_like(x.grad[:, :n]))  # control
+
+    first = torch.randn(1, n, cfg.d_model, requires_grad=True)
+    rest = torch.randn(1, 2 * n, cfg.d_model)
+    _, state = attn(first, empty)
+    out, _ = attn(rest, InfiniState([state]).detach().layers[0])
+    out.sum().backward()
+    assert first.grad is None  # truncated BPTT boundary
+
+
+@pytest.mark.parametrize(("name", "llama_params"), [("1b", 1_235_814_400), ("8b", 8_030_261_248)])
+def test_presets_match_llama_shapes(name: str, llama_params: int) -> None:
+    config = preset(name)
+    with torch.device("meta"):
+        model = InfiniTransformer(config)
+    params = sum(p.numel() for p in model.parameters())
+    gates = config.n_layers * config.n_heads
+    assert params == llama_params + gates  # within 1% is the bar; equality is what we get
+    state = model.empty_state(1, device="meta")
+    expected = config.head_dim * (config.head_dim + 1) * config.n_kv_heads * config.n_layers * 4
+    assert state.memory_nbytes() == expected
+
+
+def test_state_round_trips_through_safetensors(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = InfiniTransformer(small_config()).eval()
+    ids = torch.randint(0, 97, (2, 21))  # ends mid-segment: the partial KV is saved too
+    with torch.no_grad():
+        _, state = model(ids[:, :13])
+        save_file(state.state_dict(), tmp_path / "state.safetensors")
+        restored = InfiniState.from_state_dict(load_file(tmp_path / "state.safetensors"))
+        expected, _ = model(ids[:, 13:], state)
+        got, _ = model(ids[:, 13:], restored)
+    assert restored.partial_len == 5
+    assert torch.equal(expected, got)
+    assert restored.nbytes() == state.nbytes()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"n_kv_heads": 3}, "n_kv_heads"), ({"memory_rule": "gated"}, "memory_rule"),
+     ({"segment_len": 0}, "segment_len"), ({"d_model": -4}, "d_model"),
+     ({"rope_theta": 0.0}, "rope_theta")],
+)
+def test_invalid_config_names_the_field(overrides, field) -> None:
+    with pytest.raises(ConfigError, match=f"model.{field}"):
+        small_config(**overrides)
+
+
+def test_unknown_preset_and_field_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="tiny, 1b, 8b"):
+        preset("70b")
+    with pytest.raises(ConfigError, match=r"model\.n_head: unknown field"):
+        type(preset("tiny")).from_dict({**preset("tiny").to_dict(), "n_head": 4})
