@@ -38,7 +38,8 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
     wv = attn.v_proj.weight.view(cfg.n_kv_heads, d, -1)
 
     def sigma(t):
-        return F.elu(t) + 1
+        features = F.elu(t) + 1
+        return features / features.norm(dim=-1, keepdim=True) if rule == "deltanet" else features
 
     def rope(t):  # t [L, d]; positions restart at 0 in every segment
         half = d // 2
@@ -61,8 +62,18 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
                 causal = torch.ones(n, n).tril().bool()
                 local = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
                 empty = norm.abs().sum() == 0  # first segment: retrieval defined as 0
-                mem = torch.zeros(n, d) if empty else sigma(q) @ memory / (sigma(q) @ norm)[:, None]
+                if rule == "deltanet":
+                    mem = sigma(q) @ memory
+                elif empty:
+                    mem = torch.zeros(n, d)
+                else:
+                    mem = sigma(q) @ memory / (sigma(q) @ norm)[:, None]
                 out[bi, start:start + n, h] = beta * mem + (1 - beta) * local
+                if rule == "deltanet":  # one token at a time
+                    for t in range(n):
+                        key = sigma(k[t:t + 1])
+                        memory = memory + key.T @ (v[t:t + 1] - key @ memory)
+                    continue
                 if rule == "delta" and not empty:
                     v = v - (sigma(k) @ memory) / (sigma(k) @ norm)[:, None]
                 memory = memory + sigma(k).T @ v
@@ -70,7 +81,10 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
     return out.reshape(batch, length, -1) @ attn.o_proj.weight.T
 
 
-@pytest.mark.parametrize("rule", ["linear", "delta"])
+RULES = ["linear", "delta", "deltanet"]
+
+
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 def test_attention_matches_paper_reference(rule: str, kv_heads: int) -> None:
     torch.manual_seed(0)
@@ -97,7 +111,7 @@ def chunked_forward(model, ids, sizes, reset=None):
     return torch.cat(logits, dim=1), state
 
 
-@pytest.mark.parametrize("rule", ["linear", "delta"])
+@pytest.mark.parametrize("rule", RULES)
 def test_chunk_invariance_of_logits_state_and_gradients(rule: str) -> None:
     torch.manual_seed(1)
     model = InfiniTransformer(small_config(rule))
@@ -125,9 +139,10 @@ def test_chunk_invariance_of_logits_state_and_gradients(rule: str) -> None:
             assert torch.allclose(grad, full_grads[name], atol=1e-5), name
 
 
-def test_token_by_token_equals_full_forward_across_segment_boundaries() -> None:
+@pytest.mark.parametrize("rule", RULES)
+def test_token_by_token_equals_full_forward_across_segment_boundaries(rule: str) -> None:
     torch.manual_seed(2)
-    model = InfiniTransformer(small_config("delta")).eval()
+    model = InfiniTransformer(small_config(rule)).eval()
     randomise_gates(model)
     n = model.config.segment_len
     ids = torch.randint(0, 97, (2, 3 * n + 5))

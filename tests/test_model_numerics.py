@@ -19,10 +19,10 @@ def small_config(**overrides):
 
 
 def test_empty_memory_retrieves_exact_zeros_with_finite_gradients() -> None:
-    sigma_q = mem.feature_map(torch.randn(2, 5, 16, requires_grad=True))
+    sigma_q = mem.feature_map(torch.randn(2, 5, 16, requires_grad=True), "delta")
     memory = torch.zeros(2, 16, 16, requires_grad=True)
     norm = torch.zeros(2, 16, requires_grad=True)
-    out = mem.retrieve(sigma_q, memory, norm)
+    out = mem.retrieve(sigma_q, memory, norm, "delta")
     assert torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
     assert torch.isfinite(memory.grad).all() and torch.isfinite(norm.grad).all()
@@ -53,10 +53,10 @@ def test_memory_stays_float32_under_bf16_autocast() -> None:
     assert torch.isfinite(logits.float()).all()
 
 
-@pytest.mark.parametrize("rule", ["linear", "delta"])
+@pytest.mark.parametrize("rule", ["linear", "delta", "deltanet"])
 def test_memory_math_ignores_autocast(rule: str) -> None:
     torch.manual_seed(0)
-    sigma_q, sigma_k = (mem.feature_map(torch.randn(2, 3, 2, 16, 8)) for _ in range(2))
+    sigma_q, sigma_k = (mem.feature_map(torch.randn(2, 3, 2, 16, 8), rule) for _ in range(2))
     values = torch.randn(2, 3, 2, 16, 8).bfloat16()  # bf16 activations, as under autocast
     memory, norm = torch.rand(2, 2, 8, 8) * 100, torch.rand(2, 2, 8) * 1e5
     expected = mem.scan(sigma_q, sigma_k, values.float(), memory, norm, rule)
@@ -76,7 +76,7 @@ def test_normaliser_accumulates_a_million_tokens_exactly_enough() -> None:
     bf16_norm = torch.zeros(d, dtype=torch.bfloat16)  # what a bf16 state would hold
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for _ in range(1_048_576 // segment):
-            sigma_k = mem.feature_map(torch.randn(1, segment, d))
+            sigma_k = mem.feature_map(torch.randn(1, segment, d), "linear")
             memory, norm = mem.update(sigma_k, torch.randn(1, segment, d), memory, norm, "linear")
             exact += sigma_k[0].double().sum(0)
             bf16_norm += sigma_k[0].sum(0).bfloat16()
@@ -85,6 +85,42 @@ def test_normaliser_accumulates_a_million_tokens_exactly_enough() -> None:
     assert relative < 1e-5, relative
     bf16_relative = ((bf16_norm.double() - exact).abs() / exact).max().item()
     assert bf16_relative > 1e-3  # the trap the float32 state avoids
+
+
+def needle_share_after_filler(rule: str, repeats: list[int]) -> tuple[list[float], list[float]]:
+    """Write a needle, then one filler segment over and over. After each count in ``repeats``
+    return the needle's share of the read-out at its key (the read with the needle written minus
+    the read without, relative to the needle's value) and how much one more filler write changed M.
+    """
+    torch.manual_seed(0)
+    d, n = 32, 16
+    needle_k, needle_v = torch.randn(1, 1, d) + 1, torch.randn(1, 1, d)
+    filler_k, filler_v = torch.randn(1, n, d), torch.randn(1, n, d)
+    fk, nk = mem.feature_map(filler_k, rule), mem.feature_map(needle_k, rule)
+    empty = torch.zeros(1, d, d), torch.zeros(1, d)
+    with_needle = mem.update(nk, needle_v, *empty, rule)
+    without = empty
+    shares, changes = [], []
+    for count in range(1, max(repeats) + 1):
+        before = with_needle[0]
+        with_needle = mem.update(fk, filler_v, *with_needle, rule)
+        without = mem.update(fk, filler_v, *without, rule)
+        if count in repeats:
+            contribution = (mem.retrieve(nk, *with_needle, rule)
+                            - mem.retrieve(nk, *without, rule))
+            shares.append((contribution.norm() / needle_v.norm()).item())
+            changes.append(((with_needle[0] - before).norm() / before.norm()).item())
+    return shares, changes
+
+
+def test_deltanet_memory_reaches_a_fixed_point_under_repeated_filler() -> None:
+    shares, changes = needle_share_after_filler("deltanet", [10, 100, 1000])
+    assert changes[-1] < 1e-6  # re-writing what it holds changes nothing
+    assert shares[-1] > 0.1 and abs(shares[-1] - shares[1]) < 0.1 * shares[1]  # 100× vs 1000×
+    for rule in ("linear", "delta"):  # the paper's rules keep writing, and the needle fades
+        paper_shares, paper_changes = needle_share_after_filler(rule, [10, 100, 1000])
+        assert paper_changes[-1] > 1e-4, rule
+        assert paper_shares[-1] < 0.2 * paper_shares[0], rule
 
 
 def test_gradient_flows_through_memory_writes_and_stops_at_detach() -> None:

@@ -132,10 +132,11 @@ class InfiniAttention(nn.Module):
             apply_rope(k.reshape(b * s, n, -1, d), positions, self.inv_freq),
             v.reshape(b * s, n, -1, d),
         ).reshape(b, t, h_q, d)
-        sigma_q = group_queries(mem.feature_map(q).view(b, s, n, h_q, d), k.shape[2])
+        rule = self.config.memory_rule
+        sigma_q = group_queries(mem.feature_map(q, rule).view(b, s, n, h_q, d), k.shape[2])
         retrieved, memory, norm = mem.scan(
-            sigma_q, by_kv_head(mem.feature_map(k), s), by_kv_head(v, s),
-            state.memory, state.norm, self.config.memory_rule, reset,
+            sigma_q, by_kv_head(mem.feature_map(k, rule), s), by_kv_head(v, s),
+            state.memory, state.norm, rule, reset,
         )
         new_state = LayerState(memory, norm, state.keys, state.values)
         return (local, ungroup_queries(retrieved, n)), new_state
@@ -159,11 +160,11 @@ class InfiniAttention(nn.Module):
             apply_rope(keys, positions, self.inv_freq),
             values,
         )
-        sigma_q = group_queries(mem.feature_map(q).unsqueeze(1), k.shape[2])
-        retrieved = mem.retrieve(sigma_q[:, 0], memory, norm).unsqueeze(1)
+        rule = self.config.memory_rule
+        sigma_q = group_queries(mem.feature_map(q, rule).unsqueeze(1), k.shape[2])
+        retrieved = mem.retrieve(sigma_q[:, 0], memory, norm, rule).unsqueeze(1)
         if total == self.config.segment_len:
-            memory, norm = mem.update(mem.feature_map(keys).transpose(1, 2),
-                                      values.transpose(1, 2), memory, norm,
-                                      self.config.memory_rule)
+            memory, norm = mem.update(mem.feature_map(keys, rule).transpose(1, 2),
+                                      values.transpose(1, 2), memory, norm, rule)
             keys, values = keys[:, :0], values[:, :0]
         return (local, ungroup_queries(retrieved, length)), LayerState(memory, norm, keys, values)

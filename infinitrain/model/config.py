@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-MEMORY_RULES = ("linear", "delta")
+MEMORY_RULES = ("linear", "delta", "deltanet")
 
 
 class ConfigError(ValueError):
@@ -30,7 +30,9 @@ class ModelConfig:
     segment_len: int = 2048
     """N: tokens per segment. Local softmax attention never looks across a segment boundary."""
     memory_rule: str = "delta"
-    """'linear' (M += σ(K)ᵀV) or 'delta' (M += σ(K)ᵀ(V − retrieved))."""
+    """'linear' (M += σ(K)ᵀV) or 'delta' (M += σ(K)ᵀ(V − retrieved)), the paper's rules; or
+    'deltanet', a length-robust variant (unit-norm features, unnormalised read, token-sequential
+    delta rule; see model/memory.py)."""
     gate_init: float = 0.0
     """Initial β of every head; sigmoid(0) = 0.5 mixes memory and local attention equally."""
     rope_theta: float = 500_000.0

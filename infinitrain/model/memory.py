@@ -1,5 +1,12 @@
 """Compressive memory of Infini-attention (paper §2.1.2), the one implementation of it.
 
+Rules: ``linear`` and ``delta`` are the paper's. ``deltanet`` is a length-robust variant (not in the
+paper): unit-norm features, an unnormalised read σ̂(Q)M, and the delta rule applied token by token
+inside each segment (DeltaNet's memory, computed exactly with one triangular solve per segment).
+Writing what the memory already holds changes nothing, so a repeated filler leaves the memory at a
+fixed point however long it runs, where the paper's ``z`` (and, under its delta rule, ``M``) keep
+growing and a needle's share of the read-out shrinks like 1/length.
+
 All functions take σ(Q), σ(K) and V already laid out per key/value head and compute in float32 with
 autocast disabled, whatever the caller's precision: ``z`` is a running sum over every token read,
 which bf16 stops growing near 766K tokens and fp16 overflows near 57K (DESIGN.md §2).
@@ -31,17 +38,24 @@ def float32(fn: F_) -> F_:
     return wrapper  # type: ignore[return-value]
 
 
-def feature_map(x: Tensor) -> Tensor:
-    """σ(x) = ELU(x) + 1: strictly positive, so σ(q)·z > 0 once anything has been written."""
-    return F.elu(x.float()) + 1.0
+def feature_map(x: Tensor, rule: str) -> Tensor:
+    """σ(x) = ELU(x) + 1, strictly positive so σ(q)·z > 0 once anything has been written;
+    scaled to unit norm for ``deltanet``, which keeps each token's write a projection."""
+    features = F.elu(x.float()) + 1.0
+    if rule == "deltanet":
+        return features / features.norm(dim=-1, keepdim=True)
+    return features
 
 
 @float32
-def retrieve(sigma_q: Tensor, memory: Tensor, norm: Tensor) -> Tensor:
-    """A_mem = σ(Q) M / (σ(Q) z); exactly 0 where nothing was written (never NaN).
+def retrieve(sigma_q: Tensor, memory: Tensor, norm: Tensor, rule: str) -> Tensor:
+    """A_mem = σ(Q) M / (σ(Q) z) (σ̂(Q) M for ``deltanet``); exactly 0 where nothing was written,
+    never NaN.
 
     sigma_q [..., L, d_k], memory [..., d_k, d_v], norm [..., d_k] -> [..., L, d_v].
     """
+    if rule == "deltanet":
+        return sigma_q @ memory
     numerator = sigma_q @ memory
     denominator = sigma_q @ norm.unsqueeze(-1)
     written = denominator > 0
@@ -52,12 +66,21 @@ def retrieve(sigma_q: Tensor, memory: Tensor, norm: Tensor) -> Tensor:
 @float32
 def update(sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
            rule: str) -> tuple[Tensor, Tensor]:
-    """Write one whole segment into memory (linear or delta rule); returns (M_s, z_s).
+    """Write one whole segment into memory; returns (M_s, z_s).
 
     sigma_k [..., N, d_k], values [..., N, d_v], memory [..., d_k, d_v], norm [..., d_k].
     """
-    if rule == "delta":
-        values = values - retrieve(sigma_k, memory, norm)
+    if rule == "deltanet":
+        # Token by token, M_t = M_{t-1} + k_tᵀ(v_t − k_t M_{t-1}). Unrolled, the written residuals
+        # U solve (I + tril(K Kᵀ, -1)) U = V − K M_0 (the diagonal is taken as 1, the upper part
+        # ignored), and M_N = M_0 + Kᵀ U.
+        residuals = torch.linalg.solve_triangular(
+            sigma_k @ sigma_k.transpose(-1, -2), values - sigma_k @ memory,
+            upper=False, unitriangular=True,
+        )
+        values = residuals
+    elif rule == "delta":
+        values = values - retrieve(sigma_k, memory, norm, rule)
     return memory + sigma_k.transpose(-1, -2) @ values, norm + sigma_k.sum(dim=-2)
 
 
@@ -77,6 +100,6 @@ def scan(sigma_q: Tensor, sigma_k: Tensor, values: Tensor, memory: Tensor, norm:
             keep = ~reset[:, s, None, None]
             memory = torch.where(keep[..., None], memory, torch.zeros_like(memory))
             norm = torch.where(keep, norm, torch.zeros_like(norm))
-        retrieved.append(retrieve(sigma_q[:, s], memory, norm))
+        retrieved.append(retrieve(sigma_q[:, s], memory, norm, rule))
         memory, norm = update(sigma_k[:, s], values[:, s], memory, norm, rule)
     return torch.stack(retrieved, dim=1), memory, norm
