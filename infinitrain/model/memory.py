@@ -74,11 +74,10 @@ def update(sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
         # Token by token, M_t = M_{t-1} + k_tᵀ(v_t − k_t M_{t-1}). Unrolled, the written residuals
         # U solve (I + tril(K Kᵀ, -1)) U = V − K M_0 (the diagonal is taken as 1, the upper part
         # ignored), and M_N = M_0 + Kᵀ U.
-        residuals = torch.linalg.solve_triangular(
+        values = torch.linalg.solve_triangular(
             sigma_k @ sigma_k.transpose(-1, -2), values - sigma_k @ memory,
             upper=False, unitriangular=True,
         )
-        values = residuals
     elif rule == "delta":
         values = values - retrieve(sigma_k, memory, norm, rule)
     return memory + sigma_k.transpose(-1, -2) @ values, norm + sigma_k.sum(dim=-2)
