@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
-"""Label of a token that is not supervised (padding, prompt, the body of a book before its summary)."""
+"""Label of a token that is not supervised (padding, prompt, a book's body before its summary)."""
 
 
 @dataclass
@@ -19,6 +20,9 @@ class Window:
     """[B, k·N] next-token targets, IGNORE_INDEX where not supervised."""
     reset: Tensor
     """[B, k] bool: True where a stream starts a new document at that segment (memory emptied)."""
+    position: dict[str, Any] | None = None
+    """The data position right after this window (`DocumentStreams.state_dict()`): save the one of
+    the last window consumed, since the loader may already have produced the next."""
 
     @property
     def has_supervision(self) -> bool:
@@ -30,4 +34,5 @@ class Window:
         return self.input_ids.numel()
 
     def to(self, device: torch.device | str) -> Window:
-        return Window(self.input_ids.to(device), self.labels.to(device), self.reset.to(device))
+        return Window(self.input_ids.to(device), self.labels.to(device), self.reset.to(device),
+                      self.position)

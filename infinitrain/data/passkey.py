@@ -1,0 +1,114 @@
+"""Passkey retrieval prompts in the Landmark Attention format (DESIGN.md §1), at any length.
+
+Prompts are assembled from token ids, never from a long string: the filler is tokenized once and
+tiled, so a 1M-token prompt costs a tensor repeat. The layout is Landmark's ``"\\n".join`` of task,
+filler, needle, filler, question; the depth sets how much of the filler goes before the needle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .documents import Document
+from .sources import DocumentSource, Skipped
+from .tokenizer import Tokenizer
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+        "them. I will quiz you about the important information there.")
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again.")
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeySample:
+    """One passkey prompt and its expected answer."""
+
+    prompt_ids: Tensor
+    """[length] int64: BOS, task, filler, needle, filler, question (ends with 'The pass key is')."""
+    answer_ids: list[int]
+    """Tokens of ' {key}', the continuation a model should generate."""
+    key: int
+    """The number hidden in the needle; score a generation by its first integer."""
+    depth: float
+    """Requested depth in [0, 1]: the share of the filler placed before the needle."""
+    needle_offset: int
+    """Index in ``prompt_ids`` of the needle's first token."""
+    needle_len: int
+    """Tokens in the needle sentence."""
+
+    def to_document(self, eos_id: int) -> Document:
+        """A fine-tuning example: the prompt is read, only the answer tokens are supervised."""
+        return Document.from_parts([(self.prompt_ids, False), (self.answer_ids, True),
+                                    ([eos_id], False)])
+
+
+class PasskeyGenerator:
+    """Passkey samples of a given length and depth, deterministic by seed, for one tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer, key_min: int = 1, key_max: int = 50_000,
+                 filler: str = FILLER) -> None:
+        self.tokenizer = tokenizer
+        self.key_min, self.key_max = key_min, key_max
+        encode = tokenizer.encode
+        self.head = encode(TASK, bos=True)
+        self.newline = encode("\n")
+        self.question = encode(QUESTION)
+        # Landmark joins filler repetitions with a space: "F F F ..." -> [F][ F][ F]...
+        self.filler_first = torch.tensor(encode(filler), dtype=torch.long)
+        self.filler_next = torch.tensor(encode(" " + filler), dtype=torch.long)
+        self.frame_tokens = len(self.head) + 4 * len(self.newline) + len(self.question)
+        """Prompt tokens that are neither filler nor needle."""
+
+    def filler(self, n: int) -> Tensor:
+        """The first ``n`` tokens of the endlessly repeated filler."""
+        reps = math.ceil(max(n - len(self.filler_first), 0) / len(self.filler_next))
+        return torch.cat([self.filler_first, self.filler_next.repeat(reps)])[:n]
+
+    def sample(self, length: int, depth: float, seed: int) -> PasskeySample:
+        """A prompt of exactly ``length`` tokens with the needle at ``depth`` (0 start, 1 end)."""
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth = {depth}: must be in [0, 1]")
+        key = int(np.random.default_rng(seed).integers(self.key_min, self.key_max + 1))
+        needle = self.tokenizer.encode(NEEDLE.format(key=key))
+        budget = length - self.frame_tokens - len(needle)
+        if budget < 0:
+            raise ValueError(f"passkey length = {length} tokens: too short, the prompt without "
+                             f"filler takes {length - budget} tokens")
+        before = round(depth * budget)
+        nl = self.newline
+        parts = [self.head, nl, self.filler(before), nl, needle, nl, self.filler(budget - before),
+                 nl, self.question]
+        prompt = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in parts])
+        return PasskeySample(
+            prompt_ids=prompt, answer_ids=self.tokenizer.encode(f" {key}"), key=key, depth=depth,
+            needle_offset=len(self.head) + 2 * len(nl) + before, needle_len=len(needle),
+        )
+
+
+class PasskeySource(DocumentSource):
+    """Endless passkey fine-tuning documents with depths uniform in [depth_min, depth_max]."""
+
+    def __init__(self, generator: PasskeyGenerator, length: int, depth_min: float,
+                 depth_max: float, label: str, weight: float) -> None:
+        super().__init__(label, weight)
+        self.generator = generator
+        self.length, self.depth_min, self.depth_max = length, depth_min, depth_max
+        generator.sample(length, depth_min, seed=0)  # fail now if the length cannot hold a prompt
+
+    def epoch(self, rank: int, world_size: int, epoch: int, seed: int,
+              start: int = 0) -> Iterator[Document | Skipped]:
+        position = start
+        while True:  # synthetic: an epoch never ends, every position is a fresh sample
+            rng = np.random.default_rng([seed, world_size, rank, epoch, position])
+            depth = float(rng.uniform(self.depth_min, self.depth_max))
+            sample = self.generator.sample(self.length, depth, seed=int(rng.integers(2**62)))
+            yield sample.to_document(self.generator.tokenizer.eos_id)
+            position += 1

@@ -1,0 +1,101 @@
+"""Passkey prompts (Landmark format): exact length, one needle at the requested depth, the key."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from infinitrain.data import IGNORE_INDEX, PasskeyGenerator, SourceConfig, build_source
+from infinitrain.data.passkey import FILLER, NEEDLE, QUESTION, TASK
+
+
+def occurrences(haystack: torch.Tensor, needle: list[int]) -> list[int]:
+    """Start offsets of every occurrence of ``needle`` in ``haystack``."""
+    windows = haystack.unfold(0, len(needle), 1)
+    return (windows == torch.tensor(needle)).all(dim=1).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("length", [4096, 32_768, 1_000_000])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_one_needle_at_the_requested_depth(data_tokenizer, length, depth):
+    tok = data_tokenizer
+    generator = PasskeyGenerator(tok)
+    sample = generator.sample(length, depth, seed=length + int(depth * 10))
+    prompt = sample.prompt_ids
+    assert prompt.shape == (length,) and prompt.dtype == torch.long
+    assert prompt[0] == tok.bos_id
+    needle = tok.encode(NEEDLE.format(key=sample.key))
+    assert occurrences(prompt, needle) == [sample.needle_offset]
+    assert sample.needle_len == len(needle)
+    # depth = share of the filler before the needle, exact to one token
+    filler = length - generator.frame_tokens - len(needle)
+    before = sample.needle_offset - len(tok.encode(TASK, bos=True)) - 2 * len(tok.encode("\n"))
+    assert abs(before - depth * filler) <= 0.5
+    # as a fraction of the whole prompt, off by at most the share of its fixed parts
+    assert abs(sample.needle_offset / length - depth) <= (length - filler) / length
+    assert prompt[-len(tok.encode(QUESTION)):].tolist() == tok.encode(QUESTION)
+    assert tok.decode(sample.answer_ids).strip() == str(sample.key)
+    assert 1 <= sample.key <= 50_000
+
+
+def test_prompt_text_is_landmarks_format(data_tokenizer):
+    sample = PasskeyGenerator(data_tokenizer).sample(600, 0.5, seed=3)
+    text = data_tokenizer.decode(sample.prompt_ids)
+    task, before, needle, after, question = text.split("\n")
+    assert task == TASK and question == QUESTION
+    assert needle == NEEDLE.format(key=sample.key)
+    assert text.count(str(sample.key)) == 2 and text.count("The pass key is") == 2
+    assert before.startswith(FILLER) and after.startswith(FILLER)
+    assert abs(len(before) - len(after)) < 10
+
+
+def test_bundled_filler_is_the_one_used(data_dir):
+    assert (data_dir / "passkey" / "filler.txt").read_text() == FILLER
+
+
+def test_samples_are_deterministic_by_seed(data_tokenizer):
+    generator = PasskeyGenerator(data_tokenizer)
+    a, b = generator.sample(2000, 0.4, seed=9), generator.sample(2000, 0.4, seed=9)
+    assert torch.equal(a.prompt_ids, b.prompt_ids) and a.key == b.key
+    keys = {generator.sample(2000, 0.4, seed=s).key for s in range(20)}
+    assert len(keys) > 15
+
+
+def test_key_range_is_configurable(data_tokenizer):
+    generator = PasskeyGenerator(data_tokenizer, key_min=10_000, key_max=99_999)
+    for seed in range(10):
+        sample = generator.sample(500, 0.5, seed)
+        assert len(str(sample.key)) == 5
+        assert len(sample.answer_ids) == 6  # ' ' + one token per digit
+
+
+def test_fine_tuning_documents_supervise_only_the_answer(data_tokenizer):
+    tok = data_tokenizer
+    sample = PasskeyGenerator(tok).sample(300, 0.2, seed=1)
+    document = sample.to_document(tok.eos_id)
+    labels = document.labels()
+    supervised = labels[labels != IGNORE_INDEX].tolist()
+    assert supervised == sample.answer_ids and document.num_targets == len(sample.answer_ids)
+    # the label of the prompt's last token is the answer's first token
+    assert labels[len(sample.prompt_ids) - 1] == sample.answer_ids[0]
+    assert document.ids[-1] == tok.eos_id
+
+
+def test_passkey_source_yields_prompts_of_the_configured_length(data_tokenizer):
+    config = SourceConfig(kind="passkey", passkey_length=700, depth_min=0.9, depth_max=1.0,
+                          key_min=10, key_max=20)
+    source = build_source(config, data_tokenizer)
+    docs = list(itertools.islice(source.epoch(rank=0, world_size=1, epoch=0, seed=0), 5))
+    again = list(itertools.islice(source.epoch(rank=0, world_size=1, epoch=0, seed=0, start=3), 2))
+    assert torch.equal(docs[3].ids, again[0].ids)
+    for doc in docs:
+        answer = doc.ids[doc.target].tolist()
+        assert len(doc) == 700 + len(answer) + 1
+        assert 10 <= int(data_tokenizer.decode(answer)) <= 20
+
+
+def test_too_short_length_is_refused(data_tokenizer):
+    with pytest.raises(ValueError, match="passkey length = 40 tokens: too short"):
+        PasskeyGenerator(data_tokenizer).sample(40, 0.5, seed=0)
