@@ -1,9 +1,474 @@
-"""`infinitrain` commands: evaluate (placeholder until filled in)."""
+"""`infinitrain eval passkey|perplexity|booksum`, `generate` and `inspect gates`.
+
+Commands parse and check their options, load the model, call the evaluation code with a progress
+bar, print rich tables and write JSON/PNG where asked. User mistakes end in one ``Error:`` line that
+names the option and the value, never a traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from .model_info import human_bytes
+
+stdout = Console()
+stderr = Console(stderr=True, soft_wrap=True)
+
+eval_app = typer.Typer(name="eval", no_args_is_help=True,
+                       help="Evaluate a checkpoint: passkey retrieval, perplexity, BookSum ROUGE.")
+inspect_app = typer.Typer(name="inspect", no_args_is_help=True,
+                          help="Look inside a checkpoint.")
+
+ModelOption = Annotated[Path, typer.Option(
+    "--model", help="Training checkpoint (step-XXXXXXXX/), a run's out_dir (its 'latest' "
+    "checkpoint) or a model directory.", show_default=False)]
+DeviceOption = Annotated[str, typer.Option(help="auto (cuda when available), cpu, cuda, cuda:1, …")]
+DtypeOption = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16. "
+                                               "The memory M, z is float32 always.")]
+WindowOption = Annotated[int, typer.Option(
+    "--window-segments", min=1, help="Segments per prefill window: more is faster, fewer uses "
+    "less memory; results do not depend on it.")]
+JsonOption = Annotated[Path | None, typer.Option("--json", help="Write results and settings here.")]
+PlotOption = Annotated[Path | None, typer.Option("--plot", help="Write a PNG figure here.")]
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line, exit status 2."""
+
+
+@contextlib.contextmanager
+def reported(option: str | None = None) -> Iterator[None]:
+    """Turn input errors into one ``Error:`` line, prefixed with ``option``.
+
+    Wraps only the code that checks user input (options, model, tokenizer, data, state files),
+    where the library's ValueError and OSError subclasses (OptionError, ModelDirError,
+    DataSourceError, StateFileError, …) all mean a bad value.
+    """
+    try:
+        yield
+    except (UsageError, ValueError, OSError) as error:
+        message = str(error) if option is None else f"{option} {error}"
+        stderr.print(f"[bold red]Error:[/] {message}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N"
+                         ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name!r}: use auto, {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def _load(path: Path, device: str, dtype: str, need_tokenizer: bool = True):
+    """(LoadedModel, Tokenizer | None) for ``--model``, every failure as a one-line error."""
+    from ..data.tokenizer import load_tokenizer
+    from ..inference import load_model
+
+    with reported():
+        torch_device = _device(device)
+        torch_dtype = _dtype(dtype, torch_device)
+    with reported("--model"):
+        loaded = load_model(path, torch_device, torch_dtype)
+        if not need_tokenizer:
+            return loaded, None
+        if loaded.tokenizer_dir is None:
+            raise UsageError(f"{path}: has no tokenizer/ directory; evaluation needs the "
+                             "tokenizer the model was trained with")
+        tokenizer = load_tokenizer(loaded.tokenizer_dir)
+        if tokenizer.vocab_size > loaded.model.config.vocab_size:
+            raise UsageError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model's "
+                             f"vocabulary only {loaded.model.config.vocab_size}")
+    return loaded, tokenizer
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TextColumn("tokens"), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=stderr, transient=True)
+
+
+def _written(kind: str, path: Path) -> None:
+    stderr.print(f"{kind} written to [bold]{path}[/]")
+
+
+# ----------------------------------------------------------------------------------------------
+# infinitrain generate
+
+
+def generate(
+    model: ModelOption,
+    prompt: Annotated[str | None, typer.Option(help="Text to answer or continue.")] = None,
+    file: Annotated[Path | None, typer.Option(
+        help="A document to read into memory first (its state can be saved with --save-state).")]
+        = None,
+    state: Annotated[Path | None, typer.Option(
+        help="Start from a memory state saved by --save-state instead of an empty memory.")]
+        = None,
+    save_state: Annotated[Path | None, typer.Option(
+        help="After reading --file, save the memory state here (safetensors, a few MB whatever "
+             "the document's length).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampler.")] = None,
+    window_segments: WindowOption = 4,
+    no_memory: Annotated[bool, typer.Option("--no-memory",
+                                            help="Disable the memory (local attention only).")]
+        = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Read a document once, save its memory state, and answer prompts from it later.
+
+    Prints the generated text on stdout and statistics on stderr.
+    """
+    import torch
+
+    from ..inference import GenerationConfig, SamplingConfig, load_state, prefill
+    from ..inference import generate as run_generation
+    from ..inference import save_state as save_state_to
+
+    if prompt is None and file is None:
+        with reported():
+            raise UsageError("give --prompt TEXT, --file PATH, or both")
+    if save_state is not None and file is None:
+        with reported():
+            raise UsageError("--save-state saves what --file reads: give --file too")
+    with reported():
+        sampling = SamplingConfig(temperature, top_p, seed)
+    loaded, tokenizer = _load(model, device, dtype)
+    config, weight = loaded.model.config, loaded.model.embed_tokens.weight
+    tokens_read, memory = 0, None
+    if state is not None:
+        with reported("--state"):
+            saved = load_state(state, config, weight.device, weight.dtype)
+        memory, tokens_read = saved.state, saved.tokens_read
+        stderr.print(f"memory state {state}: {tokens_read:,} tokens read ({saved.source})")
+        if saved.model and Path(saved.model).resolve() != loaded.path.resolve():
+            stderr.print(f"[yellow]Warning:[/] {state} was saved by {saved.model}, not "
+                         f"{loaded.path}; answers are only meaningful with the same weights")
+    settings = GenerationConfig(max_new_tokens, sampling, tokenizer.eos_id, window_segments,
+                                not no_memory)
+
+    context: list[int] = []
+    if file is not None:
+        with reported("--file"):
+            if not file.is_file():
+                raise UsageError(f"{file}: no such file")
+            text = file.read_text(encoding="utf-8")
+            if not text.strip():
+                raise UsageError(f"{file}: empty file")
+        context = tokenizer.encode(text, bos=memory is None)
+    if save_state is not None:
+        with _progress() as progress:
+            task = progress.add_task(f"reading {file.name}", total=len(context))
+            _, memory = prefill(loaded.model, torch.tensor([context], device=weight.device),
+                                memory, window_segments=window_segments,
+                                use_memory=not no_memory,
+                                on_progress=lambda n: progress.advance(task, n))
+        tokens_read += len(context)
+        save_state_to(save_state, memory, config, tokens_read, source=str(file),
+                      model=str(loaded.path))
+        stderr.print(f"read {len(context):,} tokens of {file}; memory state of "
+                     f"{human_bytes(memory.nbytes())} after {tokens_read:,} tokens")
+        _written("memory state", save_state)
+        if prompt is None:
+            return
+        context = []
+
+    prompt_ids = context + (tokenizer.encode(prompt, bos=memory is None and not context)
+                            if prompt is not None else [])
+    if not prompt_ids:
+        with reported("--prompt"):
+            raise UsageError("'': empty prompt")
+    with _progress() as progress:
+        task = progress.add_task("reading", total=len(prompt_ids))
+        out = run_generation(loaded.model, prompt_ids, memory, settings,
+                             on_progress=lambda n: progress.advance(task, n))
+    stdout.print(tokenizer.decode(out.tokens), highlight=False, markup=False)
+    stderr.print(f"{out.prompt_tokens:,} prompt tokens at "
+                 f"{out.prompt_tokens / max(out.prefill_seconds, 1e-9):,.0f} tokens/s; "
+                 f"{len(out.tokens)} new tokens at "
+                 f"{len(out.tokens) / max(out.decode_seconds, 1e-9):,.1f} tokens/s"
+                 f"{' (stopped at EOS)' if out.stopped_at_eos else ''}")
+
+
+# ----------------------------------------------------------------------------------------------
+# infinitrain inspect gates
+
+
+@inspect_app.command("gates")
+def gates(
+    model: ModelOption,
+    plot: PlotOption = None,
+    json_path: JsonOption = None,
+) -> None:
+    """Memory gates sigmoid(β) per layer and head: specialised vs mixer heads (paper Fig. 3)."""
+    from ..evaluation.gates import GateReport
+    from ..evaluation.plots import heatmap
+    from ..evaluation.report import write_json
+    from ..evaluation.tables import gates_table
+
+    loaded, _ = _load(model, "cpu", "fp32", need_tokenizer=False)
+    report = GateReport.of(loaded.model)
+    stdout.print(gates_table(report))
+    if plot is not None:
+        heatmap(report.gates, plot, title="Memory gate sigmoid(β) per head",
+                row_labels=[str(i) for i in range(len(report.gates))],
+                col_labels=[str(h) for h in range(len(report.gates[0]))],
+                row_title="layer", col_title="query head", cmap="coolwarm")
+        _written("plot", plot)
+    if json_path is not None:
+        write_json(json_path, "inspect gates", loaded, {}, report.to_dict())
+        _written("results", json_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# infinitrain eval perplexity
+
+
+def _data_source(data: str, split: str, config: str | None, text_field: str | None,
+                 min_tokens: int, **fields):
+    """A local file, glob or directory becomes a file source; anything else a hub dataset name."""
+    from ..data.sources import FILE_BUILDERS, SourceConfig
+
+    common = dict(text_field=text_field, min_tokens=min_tokens, **fields)
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(str(f) for f in path.iterdir()
+                       if f.is_file() and any(suffix in FILE_BUILDERS for suffix in f.suffixes))
+        if not files:
+            raise UsageError(f"{data}: directory holds no {', '.join(FILE_BUILDERS)} file")
+        return SourceConfig(files=files, **common)
+    if path.exists() or any(ch in data for ch in "*?["):
+        return SourceConfig(files=[data], **common)
+    if "/" not in data or data.startswith((".", "/")):
+        raise UsageError(f"{data}: no such file, and not a hub dataset name (owner/name)")
+    return SourceConfig(name=data, config=config, split=split, **common)
+
+
+@eval_app.command("perplexity")
+def perplexity(
+    model: ModelOption,
+    data: Annotated[str, typer.Option(
+        help="Documents: a file (.txt, .jsonl, .parquet, … as PG19's format), a directory or glob "
+             "of such files, or a hub dataset name.", show_default=False)],
+    split: Annotated[str, typer.Option(help="Hub dataset split.")] = "test",
+    config: Annotated[str | None, typer.Option(help="Hub dataset configuration.")] = None,
+    text_field: Annotated[str | None, typer.Option(help="Column with the text.")] = None,
+    max_docs: Annotated[int | None, typer.Option(min=1, help="Score the first N documents.")]
+        = None,
+    min_tokens: Annotated[int, typer.Option(min=0, help="Skip shorter documents.")] = 0,
+    compare_no_memory: Annotated[bool, typer.Option(
+        "--compare-no-memory", help="Also score with the memory disabled (gate forced to local "
+                                    "attention).")] = False,
+    window_segments: WindowOption = 4,
+    json_path: JsonOption = None,
+    plot: PlotOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Token-level perplexity over whole documents, streamed through memory, by position in them."""
+    import itertools
+
+    from ..data.sources import text_source
+    from ..evaluation.perplexity import evaluate_perplexity
+    from ..evaluation.plots import curves
+    from ..evaluation.report import write_json
+    from ..evaluation.tables import perplexity_tables
+
+    loaded, tokenizer = _load(model, device, dtype)
+    with reported("--data"):
+        source = text_source(_data_source(data, split, config, text_field, min_tokens), tokenizer)
+        documents = list(itertools.islice(source, max_docs))
+        if not documents:
+            raise UsageError(f"{data}: no document with at least {max(min_tokens, 1)} tokens")
+    named = [(f"#{i}", doc) for i, doc in enumerate(documents)]
+    total = sum(len(doc) for doc in documents) * (2 if compare_no_memory else 1)
+    with _progress() as progress:
+        task = progress.add_task("scoring", total=total)
+        results = evaluate_perplexity(loaded.model, named, window_segments=window_segments,
+                                      compare_no_memory=compare_no_memory,
+                                      on_progress=lambda n: progress.advance(task, n))
+    for table in perplexity_tables(results, loaded.model.config.segment_len):
+        stdout.print(table)
+    if plot is not None:
+        label = {True: "memory", False: "memory disabled"}
+        curves({label[r.use_memory]: r.segment_curve() for r in results}, plot,
+               title="Loss by position in the document", xlabel="segment",
+               ylabel="loss (nats/token)")
+        _written("plot", plot)
+    if json_path is not None:
+        settings = {"data": data, "split": split, "config": config, "text_field": text_field,
+                    "max_docs": max_docs, "min_tokens": min_tokens,
+                    "window_segments": window_segments, "compare_no_memory": compare_no_memory}
+        write_json(json_path, "eval perplexity", loaded, settings,
+                   {"runs": [r.to_dict() for r in results]})
+        _written("results", json_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# infinitrain eval passkey
+
+NoMemoryOption = Annotated[bool, typer.Option(
+    "--no-memory", help="Disable the memory (gate forced to local attention): the baseline.")]
+
+
+@eval_app.command("passkey")
+def passkey(
+    model: ModelOption,
+    lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens: 4096, 32k, 1M, …")]
+        = "4k,32k,128k,1m",
+    depths: Annotated[str, typer.Option(
+        help="Needle depths in [0, 1]: 0 = start of the filler, 1 = its end.")] = "0,0.5,1",
+    samples: Annotated[int, typer.Option(min=1, help="Prompts per length and depth.")] = 5,
+    seed: int = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 8,
+    window_segments: WindowOption = 4,
+    no_memory: NoMemoryOption = False,
+    json_path: JsonOption = None,
+    plot: PlotOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Passkey retrieval (Landmark format, greedy) per length × depth, with bounded memory."""
+    from ..data.passkey import PasskeyGenerator
+    from ..evaluation.options import format_tokens, parse_depths, parse_lengths
+    from ..evaluation.passkey import PasskeySettings, evaluate_passkey
+    from ..evaluation.plots import heatmap
+    from ..evaluation.report import write_json
+    from ..evaluation.tables import passkey_table
+
+    with reported():
+        settings = PasskeySettings(tuple(parse_lengths(lengths)), tuple(parse_depths(depths)),
+                                   samples, seed, window_segments, not no_memory, max_new_tokens)
+    loaded, tokenizer = _load(model, device, dtype)
+    with reported("--lengths"):  # the shortest must hold the task, needle and question
+        PasskeyGenerator(tokenizer).sample(settings.lengths[0], 0.0, seed=0)
+    total = sum(settings.lengths) * len(settings.depths) * samples
+    with _progress() as progress:
+        task = progress.add_task("passkey prompts", total=total)
+        result = evaluate_passkey(loaded.model, tokenizer, settings,
+                                  on_progress=lambda n: progress.advance(task, n))
+    stdout.print(passkey_table(result))
+    if plot is not None:
+        heatmap([[result.accuracy(n, d) for n in settings.lengths] for d in settings.depths],
+                plot, title="Passkey retrieval accuracy", row_labels=[f"{d:g}" for d in
+                                                                      settings.depths],
+                col_labels=[format_tokens(n) for n in settings.lengths], row_title="depth",
+                col_title="prompt length (tokens)", cmap="RdYlGn", fmt="{:.0%}")
+        _written("plot", plot)
+    if json_path is not None:
+        write_json(json_path, "eval passkey", loaded,
+                   {**asdict(settings), "format": "landmark"}, result.to_dict())
+        _written("results", json_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# infinitrain eval booksum
+
+
+@eval_app.command("booksum")
+def booksum(
+    model: ModelOption,
+    data: Annotated[str, typer.Option(
+        help="BookSum rows: a local file in kmfoda/booksum (chapter, summary_text) or "
+             "ubaada/booksum-complete-cleaned (text, summary) layout, or a hub dataset name.",
+        show_default=False)],
+    split: Annotated[str, typer.Option(help="Hub dataset split.")] = "test",
+    config: Annotated[str | None, typer.Option(help="Hub dataset configuration.")] = None,
+    text_field: Annotated[str | None, typer.Option(help="Column with the book.")] = None,
+    summary_field: Annotated[str | None, typer.Option(help="Column with the summary.")] = None,
+    max_input_tokens: Annotated[str, typer.Option(
+        help="Longest prompt in tokens (book + summary request); longer books are truncated.")]
+        = "500k",
+    truncate: Annotated[str, typer.Option(
+        help="Which part of an over-long book to drop: start or middle.")] = "start",
+    max_books: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N books.")]
+        = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.5,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 0.95,
+    seed: int = 0,
+    window_segments: WindowOption = 4,
+    no_memory: NoMemoryOption = False,
+    json_path: JsonOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Summarise whole books read through memory; ROUGE-1/2/L and their geometric mean."""
+    import itertools
+
+    from ..data.booksum import load_booksum
+    from ..evaluation.booksum import BookSumSettings, evaluate_booksum
+    from ..evaluation.options import parse_token_count
+    from ..evaluation.report import write_json
+    from ..evaluation.tables import booksum_table
+
+    with reported():
+        budget = parse_token_count(max_input_tokens, "--max-input-tokens")
+        settings = BookSumSettings(max_new_tokens, temperature, top_p, seed, window_segments,
+                                   not no_memory)
+    loaded, tokenizer = _load(model, device, dtype)
+    with reported("--data"):
+        source = _data_source(data, split, config, text_field, 0, kind="booksum",
+                              summary_field=summary_field, max_input_tokens=budget,
+                              truncate=truncate)
+        examples = list(itertools.islice(load_booksum(source, tokenizer), max_books))
+        if not examples:
+            raise UsageError(f"{data}: no book with a summary")
+    total = sum(len(e.prompt_ids) for e in examples)
+    with _progress() as progress:
+        task = progress.add_task(f"summarising {len(examples)} books", total=total)
+        result = evaluate_booksum(loaded.model, tokenizer, examples, settings,
+                                  on_progress=lambda n: progress.advance(task, n))
+    stdout.print(booksum_table(result))
+    if json_path is not None:
+        write_json(json_path, "eval booksum", loaded,
+                   {**asdict(settings), "data": data, "split": split, "config": config,
+                    "max_input_tokens": budget, "truncate": truncate, "max_books": max_books},
+                   result.to_dict())
+        _written("results", json_path)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.add_typer(eval_app)
+    app.add_typer(inspect_app)
+    app.command("generate")(generate)

@@ -1,0 +1,124 @@
+"""Passkey retrieval (Landmark format, DESIGN.md §1) at any length, with bounded memory.
+
+Each prompt is streamed through memory window by window and answered by greedy decoding; the
+answer counts when the first integer in the generated text is the key. Peak memory and prefill
+speed are measured per length: memory must not grow with the length, since only the compressive
+memory and one partial segment are kept.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..data.passkey import PasskeyGenerator
+from ..data.tokenizer import Tokenizer
+from ..inference import DEFAULT_WINDOW_SEGMENTS, GenerationConfig, generate
+from ..inference.stream import ProgressFn
+from ..model import InfiniTransformer
+from .resources import PeakMemory
+
+_INTEGER = re.compile(r"\d+")
+
+
+def first_integer(text: str) -> int | None:
+    """The first run of digits in ``text`` (how Landmark and the paper score an answer)."""
+    match = _INTEGER.search(text)
+    return None if match is None else int(match[0])
+
+
+@dataclass(frozen=True)
+class PasskeySettings:
+    lengths: tuple[int, ...]
+    """Prompt lengths in tokens."""
+    depths: tuple[float, ...]
+    """Needle depths: 0 = right after the task description, 1 = right before the question."""
+    samples: int = 5
+    """Prompts (each with its own key) per length and depth."""
+    seed: int = 0
+    window_segments: int = DEFAULT_WINDOW_SEGMENTS
+    use_memory: bool = True
+    max_new_tokens: int = 8
+    """Enough for a five-digit key however the tokenizer splits digits."""
+
+
+@dataclass
+class PasskeyTrial:
+    length: int
+    depth: float
+    key: int
+    output: str
+    """The generated text."""
+    predicted: int | None
+
+    @property
+    def correct(self) -> bool:
+        return self.predicted == self.key
+
+
+@dataclass
+class LengthStats:
+    prompt_tokens: int
+    prefill_seconds: float
+    peak_memory_bytes: int
+    memory_kind: str
+    state_bytes: int
+    """Size of the state after a prompt: the memory plus under one segment of keys/values."""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else float("nan")
+
+
+@dataclass
+class PasskeyResult:
+    settings: PasskeySettings
+    trials: list[PasskeyTrial] = field(default_factory=list)
+    lengths: dict[int, LengthStats] = field(default_factory=dict)
+
+    def accuracy(self, length: int | None = None, depth: float | None = None) -> float:
+        """Exact-match accuracy over the trials at ``length`` and ``depth`` (all if None)."""
+        chosen = [t.correct for t in self.trials
+                  if length in (None, t.length) and depth in (None, t.depth)]
+        return sum(chosen) / len(chosen)
+
+    def to_dict(self) -> dict:
+        depths = self.settings.depths
+        return {
+            "accuracy": self.accuracy(),
+            "accuracy_by_length": {str(n): {str(d): self.accuracy(n, d) for d in depths}
+                                   for n in self.lengths},
+            "lengths": {str(n): {**asdict(s), "tokens_per_second": s.tokens_per_second}
+                        for n, s in self.lengths.items()},
+            "trials": [{**asdict(t), "correct": t.correct} for t in self.trials],
+        }
+
+
+def evaluate_passkey(model: InfiniTransformer, tokenizer: Tokenizer, settings: PasskeySettings,
+                     on_progress: ProgressFn | None = None) -> PasskeyResult:
+    """Every length × depth × sample, shortest length first."""
+    device = model.embed_tokens.weight.device
+    prompts = PasskeyGenerator(tokenizer)
+    config = GenerationConfig(max_new_tokens=settings.max_new_tokens,
+                              eos_token_id=tokenizer.eos_id,
+                              window_segments=settings.window_segments,
+                              use_memory=settings.use_memory)
+    result = PasskeyResult(settings)
+    for length in settings.lengths:
+        tokens, seconds = 0, 0.0
+        with PeakMemory(device) as peak:
+            for d, depth in enumerate(settings.depths):
+                for i in range(settings.samples):
+                    seed = np.random.default_rng([settings.seed, length, d, i]).integers(2**62)
+                    sample = prompts.sample(length, depth, seed=int(seed))
+                    out = generate(model, sample.prompt_ids, None, config, on_progress)
+                    text = tokenizer.decode(out.tokens)
+                    result.trials.append(PasskeyTrial(length, depth, sample.key, text,
+                                                      first_integer(text)))
+                    tokens += out.prompt_tokens
+                    seconds += out.prefill_seconds
+        result.lengths[length] = LengthStats(tokens, seconds, peak.bytes, peak.kind,
+                                             out.state.nbytes())
+    return result

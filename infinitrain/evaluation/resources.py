@@ -1,0 +1,42 @@
+"""Peak memory of a stretch of evaluation work.
+
+On CUDA the peak is the allocator's ``max_memory_allocated``, reset per measurement. On the CPU it
+is the process's peak resident set size (``ru_maxrss``), a high-water mark that cannot be reset:
+measured for increasing lengths in one process, it stays flat exactly when memory does not grow
+with length.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+def process_peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as peak: ...`` then ``peak.bytes`` and ``peak.kind``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda allocated" if device.type == "cuda" else "process RSS"
+        self.bytes = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.bytes = process_peak_rss_bytes()

@@ -1,0 +1,116 @@
+"""Rich tables of evaluation results, as printed on the terminal."""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+
+from ..cli.model_info import human_bytes
+from .booksum import BookSumResult
+from .gates import GateReport
+from .options import format_tokens
+from .passkey import PasskeyResult
+from .perplexity import PerplexityResult
+
+PAPER_BOOKSUM = "paper, 8B at 500K, linear+delta: R-1 40.0, R-2 8.8, R-L 17.9, overall 18.5"
+
+
+def _percent(value: float) -> str:
+    colour = "green" if value >= 0.9 else "yellow" if value >= 0.5 else "red"
+    return f"[{colour}]{100 * value:.0f}%[/]"
+
+
+def passkey_table(result: PasskeyResult) -> Table:
+    settings = result.settings
+    memory = "memory" if settings.use_memory else "memory disabled"
+    table = Table(title=f"Passkey retrieval, exact match ({settings.samples} prompts per cell, "
+                        f"{memory})")
+    table.add_column("length", justify="right")
+    for depth in settings.depths:
+        table.add_column(f"depth {depth:g}", justify="right")
+    table.add_column("all", justify="right")
+    table.add_column("prefill tokens/s", justify="right")
+    table.add_column("peak memory", justify="right")
+    for length, stats in result.lengths.items():
+        table.add_row(format_tokens(length),
+                      *(_percent(result.accuracy(length, d)) for d in settings.depths),
+                      _percent(result.accuracy(length)), f"{stats.tokens_per_second:,.0f}",
+                      human_bytes(stats.peak_memory_bytes))
+    return table
+
+
+def booksum_table(result: BookSumResult) -> Table:
+    table = Table(title="BookSum ROUGE F1", caption=PAPER_BOOKSUM)
+    for name in ("book", "tokens", "dropped", "summary tokens", "R-1", "R-2", "R-L", "overall"):
+        table.add_column(name, justify="left" if name == "book" else "right")
+
+    def scores(r):
+        return (f"{r.rouge1:.1f}", f"{r.rouge2:.1f}", f"{r.rougeL:.1f}", f"{r.overall:.1f}")
+
+    for i, book in enumerate(result.books):
+        table.add_row(f"#{i}", f"{book.book_tokens:,}", f"{book.dropped_tokens:,}",
+                      str(book.summary_tokens), *scores(book.rouge))
+    table.add_section()
+    table.add_row("[bold]all[/]", f"{sum(b.book_tokens for b in result.books):,}",
+                  f"{sum(b.dropped_tokens for b in result.books):,}",
+                  str(sum(b.summary_tokens for b in result.books)),
+                  *(f"[bold]{cell}[/]" for cell in scores(result.rouge)))
+    return table
+
+
+def _gate_cell(gate: float) -> str:
+    colour = "green" if gate >= 0.9 else "blue" if gate <= 0.1 else "white"
+    return f"[{colour}]{gate:.3f}[/]"
+
+
+def gates_table(report: GateReport) -> Table:
+    heads = len(report.gates[0])
+    table = Table(title="Memory gates sigmoid(β): 1 = memory only, 0 = local attention only")
+    table.add_column("layer", justify="right")
+    for head in range(heads):
+        table.add_column(f"h{head}", justify="right")
+    table.add_column("memory / local / mixer", justify="right")
+    for layer, (gates, roles) in enumerate(zip(report.gates, report.roles(), strict=True)):
+        table.add_row(str(layer), *map(_gate_cell, gates),
+                      f"{roles['memory']} / {roles['local']} / {roles['mixer']}")
+    return table
+
+
+def _buckets(length: int, count: int = 8) -> list[range]:
+    """Split segment positions 0..length-1 into at most ``count`` contiguous ranges."""
+    size = math.ceil(length / count)
+    return [range(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def perplexity_tables(results: list[PerplexityResult], segment_len: int) -> list[Table]:
+    """Per-document perplexity, then mean loss by position in the document."""
+    label = {True: "memory", False: "no memory"}
+    documents = Table(title="Perplexity per document")
+    documents.add_column("document")
+    documents.add_column("tokens", justify="right")
+    for result in results:
+        documents.add_column(f"ppl ({label[result.use_memory]})", justify="right")
+    for i, doc in enumerate(results[0].documents):
+        documents.add_row(doc.name, f"{doc.tokens:,}",
+                          *(f"{r.documents[i].perplexity:.2f}" for r in results))
+    documents.add_section()
+    documents.add_row("[bold]all[/]", f"{results[0].tokens:,}",
+                      *(f"[bold]{r.perplexity:.2f}[/]" for r in results))
+
+    curves = [r.segment_curve() for r in results]
+    positions = Table(title=f"Loss (nats/token) by position in the document "
+                            f"(segments of {segment_len} tokens)")
+    positions.add_column("segments", justify="right")
+    positions.add_column("tokens", justify="right")
+    for result in results:
+        positions.add_column(f"loss ({label[result.use_memory]})", justify="right")
+    for bucket in _buckets(len(curves[0])):
+        first, last = bucket[0], bucket[-1]
+        cells = []
+        for curve in curves:
+            values = [v for v in curve[first:last + 1] if not math.isnan(v)]
+            cells.append(f"{sum(values) / len(values):.3f}" if values else "–")
+        positions.add_row(f"{first}–{last}", f"{first * segment_len:,}–"
+                          f"{(last + 1) * segment_len:,}", *cells)
+    return [documents, positions]

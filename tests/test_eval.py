@@ -1,0 +1,318 @@
+"""Evaluation commands on a tiny random model: passkey, perplexity, BookSum, generate, gates."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rouge_score import rouge_scorer
+from test_inference import one_thread, random_model  # noqa: F401 - one_thread is autouse
+from typer.testing import CliRunner
+
+from infinitrain.cli import app
+from infinitrain.data.documents import Document
+from infinitrain.data.tokenizer import load_tokenizer
+from infinitrain.evaluation.options import (
+    OptionError,
+    format_tokens,
+    parse_depths,
+    parse_lengths,
+    parse_token_count,
+)
+from infinitrain.evaluation.passkey import PasskeySettings, evaluate_passkey, first_integer
+from infinitrain.evaluation.perplexity import document_loss
+from infinitrain.evaluation.rouge import rouge
+from infinitrain.inference import Generation
+from infinitrain.model_dir import save_model_dir
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TOKENIZER = DATA / "tokenizer"
+SEGMENT = 32
+VOCAB = 4096
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny random model with the bundled tokenizer, saved as a run's latest checkpoint."""
+    root = tmp_path_factory.mktemp("eval")
+    with gzip.open(DATA / "books" / "austen.jsonl.gz", "rt") as lines:
+        book = json.loads(next(lines))["text"]
+    (root / "book.txt").write_text(book[:200_000])
+    (root / "short.txt").write_text(book[:3_000])
+    model = random_model(vocab_size=VOCAB, segment_len=SEGMENT)
+    save_model_dir(model, root / "run" / "step-00000010", tokenizer_dir=TOKENIZER)
+    (root / "run" / "latest").write_text("step-00000010")
+    return root
+
+
+def cli(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# options and errors
+
+
+def test_lengths_and_depths_parse():
+    assert parse_lengths("4k,32K,1m,1M,4096") == [4096, 32_768, 1_048_576]
+    assert parse_token_count("500k", "--max-input-tokens") == 512_000
+    assert parse_depths(" 1, 0,0.5 ") == [0.0, 0.5, 1.0]
+    assert [format_tokens(n) for n in (4096, 1 << 20, 5000)] == ["4K", "1M", "5000"]
+    for bad in ("1x", "", "4k,,8k", "0", "-4k", "1.5k"):
+        with pytest.raises(OptionError, match="--lengths"):
+            parse_lengths(bad)
+    for bad in ("1.5", "-0.1", "half", ""):
+        with pytest.raises(OptionError, match="--depths"):
+            parse_depths(bad)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["eval", "passkey", "--model", "{root}/missing"], "--model {root}/missing: no such directory"),
+    (["eval", "passkey", "--model", "{root}"], "--model {root}: not a model"),
+    (["eval", "passkey", "--model", "{root}/run", "--lengths", "1x"], "--lengths '1x'"),
+    (["eval", "passkey", "--model", "{root}/run", "--lengths", ""], "--lengths ''"),
+    (["eval", "passkey", "--model", "{root}/run", "--depths", "0,1.5"], "--depths '1.5'"),
+    (["eval", "passkey", "--model", "{root}/run", "--lengths", "64"], "--lengths"),
+    (["eval", "perplexity", "--model", "{root}/run", "--data", "{root}/empty.jsonl"],
+     "--data files: {root}/empty.jsonl: empty file"),
+    (["eval", "booksum", "--model", "{root}/run", "--data", "{root}/book.txt",
+      "--max-input-tokens", "1x"], "--max-input-tokens '1x'"),
+    (["generate", "--model", "{root}/run", "--file", "{root}/empty.jsonl"],
+     "--file {root}/empty.jsonl: empty file"),
+    (["generate", "--model", "{root}/run", "--prompt", "hi", "--top-p", "0"], "top_p = 0.0"),
+    (["generate", "--model", "{root}/run", "--prompt", "hi", "--state", "{root}/book.txt"],
+     "--state {root}/book.txt: not a safetensors state file"),
+])
+def test_bad_inputs_give_one_clear_error_line(workdir, args, expected):
+    (workdir / "empty.jsonl").write_text("")
+    code, stdout, stderr = cli(*(a.format(root=workdir) for a in args))
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    assert expected.format(root=workdir) in lines[0]
+    assert "Traceback" not in stdout + stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# passkey
+
+
+def test_first_integer_scores_like_landmark():
+    assert first_integer(" 12345. Remember it") == 12345
+    assert first_integer("The key is 0042 or 7") == 42
+    assert first_integer("no digits") is None
+
+
+def test_passkey_pipeline_scores_an_oracle_perfectly(workdir, monkeypatch):
+    """A stand-in model that reads the needle back gets 100%; one that answers 1 gets 0%."""
+    tokenizer = load_tokenizer(TOKENIZER)
+    model = random_model(vocab_size=VOCAB, segment_len=SEGMENT)
+
+    def oracle(model, prompt_ids, state, config, on_progress=None):
+        text = tokenizer.decode(prompt_ids)
+        key = text.split("The pass key is ")[1].split(".")[0]
+        assert text.endswith("What is the pass key? The pass key is")
+        answer = tokenizer.encode(f" {key}. Remember it.")
+        return Generation(answer, model.empty_state(1), len(prompt_ids), False, 1.0, 0.1)
+
+    monkeypatch.setattr("infinitrain.evaluation.passkey.generate", oracle)
+    settings = PasskeySettings(lengths=(512, 1024), depths=(0.0, 0.5, 1.0), samples=2)
+    result = evaluate_passkey(model, tokenizer, settings)
+    assert result.accuracy() == 1.0 and len(result.trials) == 12
+    assert len({t.key for t in result.trials}) > 6  # every prompt its own key
+
+    def always_one(model, prompt_ids, state, config, on_progress=None):
+        return Generation(tokenizer.encode(" 1"), model.empty_state(1), 1, False, 1.0, 0.1)
+
+    monkeypatch.setattr("infinitrain.evaluation.passkey.generate", always_one)
+    assert evaluate_passkey(model, tokenizer, settings).accuracy() == 0.0
+
+
+def test_passkey_command_writes_table_json_and_heatmap(workdir):
+    out = workdir / "passkey"
+    code, stdout, _ = cli("eval", "passkey", "--model", workdir / "run", "--lengths", "1k,2K",
+                          "--depths", "0,1", "--samples", "2", "--json", out / "r.json",
+                          "--plot", out / "r.png")
+    assert code == 0
+    assert "Passkey retrieval" in stdout and "depth 1" in stdout and "2K" in stdout
+    report = json.loads((out / "r.json").read_text())
+    assert report["settings"]["lengths"] == [1024, 2048]
+    assert report["settings"]["use_memory"] is True
+    assert report["model"]["path"].endswith("step-00000010")
+    trials = report["results"]["trials"]
+    assert len(trials) == 8 and all(t["correct"] == (t["predicted"] == t["key"]) for t in trials)
+    for stats in report["results"]["lengths"].values():
+        assert stats["tokens_per_second"] > 0 and stats["peak_memory_bytes"] > 0
+    assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_memory_baseline_equals_closed_gates(workdir):
+    """--no-memory must answer exactly like the same model with every gate at 0 (local only)."""
+    tokenizer = load_tokenizer(TOKENIZER)
+    settings = PasskeySettings(lengths=(256,), depths=(0.0, 1.0), samples=2, max_new_tokens=12)
+    model = random_model(vocab_size=VOCAB, segment_len=SEGMENT)
+    with torch.no_grad():  # large weights: greedy answers then depend on what was read
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight") or name == "embed_tokens.weight":
+                param.mul_(5)
+    baseline = evaluate_passkey(model, tokenizer,
+                                PasskeySettings(**{**settings.__dict__, "use_memory": False}))
+    with_memory = evaluate_passkey(model, tokenizer, settings)
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.gate.fill_(-1e4)
+    closed = evaluate_passkey(model, tokenizer, settings)
+    assert [t.output for t in baseline.trials] == [t.output for t in closed.trials]
+    assert [t.output for t in baseline.trials] != [t.output for t in with_memory.trials]
+
+
+def peak_rss_of_passkey_run(model_dir: Path, length: str, window_segments: int) -> int:
+    """Run a passkey evaluation in a fresh process; its peak RSS as the command reports it."""
+    out = model_dir / f"rss-{length}-{window_segments}.json"
+    subprocess.run(
+        [sys.executable, "-c", "from infinitrain.cli import app; app()", "eval", "passkey",
+         "--model", str(model_dir), "--lengths", length, "--depths", "0.5", "--samples", "1",
+         "--window-segments", str(window_segments), "--device", "cpu", "--json", str(out)],
+        check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    (stats,) = json.loads(out.read_text())["results"]["lengths"].values()
+    assert stats["memory_kind"] == "process RSS"
+    return stats["peak_memory_bytes"]
+
+
+@pytest.mark.slow
+def test_passkey_peak_memory_does_not_grow_with_length(workdir):
+    model_dir = workdir / "segment-64"  # longer segments: fewer scan steps, a faster 256K run
+    save_model_dir(random_model(vocab_size=VOCAB, segment_len=64), model_dir,
+                   tokenizer_dir=TOKENIZER)
+    short = peak_rss_of_passkey_run(model_dir, "16k", 16)
+    long = peak_rss_of_passkey_run(model_dir, "256k", 16)
+    assert long <= 1.10 * short, (short, long)
+    # The measurement does see growth: one window over a whole 32K prompt (no streaming).
+    unstreamed = peak_rss_of_passkey_run(model_dir, "32k", 32 * 1024 // 64)
+    assert unstreamed > 1.25 * short, (short, unstreamed)
+
+
+# ---------------------------------------------------------------------------------------------
+# perplexity
+
+
+def test_streamed_perplexity_equals_a_direct_forward():
+    model = random_model(vocab_size=VOCAB, segment_len=SEGMENT)
+    ids = torch.randint(0, VOCAB, (5 * SEGMENT + 7,))
+    loss = document_loss(model, Document.from_ids(ids), window_segments=2)
+    with torch.no_grad():
+        logits, _ = model(ids[None])
+    nll = F.cross_entropy(logits[0, :-1], ids[1:], reduction="none")
+    assert loss.tokens == len(ids) - 1
+    assert math.isclose(loss.perplexity, math.exp(nll.mean().item()), rel_tol=1e-5)
+    per_segment = torch.zeros(6).index_add_(0, torch.arange(len(ids) - 1) // SEGMENT, nll)
+    torch.testing.assert_close(torch.tensor(loss.segment_nll, dtype=torch.float32), per_segment,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_perplexity_command_over_a_bundled_book(workdir):
+    book = workdir / "book.jsonl"
+    book.write_text(json.dumps({"text": (workdir / "book.txt").read_text()[:40_000]}) + "\n")
+    out = workdir / "ppl"
+    code, stdout, _ = cli("eval", "perplexity", "--model", workdir / "run", "--data", book,
+                          "--compare-no-memory", "--json", out / "p.json", "--plot",
+                          out / "p.png", "--window-segments", "8")
+    assert code == 0 and "Perplexity per document" in stdout and "by position" in stdout
+    runs = json.loads((out / "p.json").read_text())["results"]["runs"]
+    assert [r["use_memory"] for r in runs] == [True, False]
+    for run in runs:
+        assert math.isfinite(run["perplexity"]) and 1 < run["perplexity"] < 10 * VOCAB
+        assert len(run["segment_loss"]) == math.ceil((run["tokens"] + 2) / SEGMENT)
+        assert all(math.isfinite(v) for v in run["segment_loss"])
+    assert runs[0]["perplexity"] != runs[1]["perplexity"]
+    assert (out / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------
+# BookSum and ROUGE
+
+
+def test_rouge_matches_rouge_score_and_overall_is_the_geometric_mean():
+    predictions = ["the cats sat on the mats with a hat", "Elinor and Marianne went to London."]
+    references = ["a cat was sitting on the mat", "Marianne and Elinor travelled to London."]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    expected = {name: 100 * sum(scorer.score(r, p)[name].fmeasure
+                                for p, r in zip(predictions, references, strict=True)) / 2
+                for name in ("rouge1", "rouge2", "rougeL")}
+    scores = rouge(predictions, references)
+    for name, value in expected.items():
+        assert math.isclose(getattr(scores, name), value, rel_tol=1e-12)
+    assert math.isclose(scores.overall, math.prod(expected.values()) ** (1 / 3), rel_tol=1e-12)
+    assert math.isclose(rouge(["the same words"], ["the same words"]).overall, 100.0)
+    best_of_two = rouge([predictions[0]], [[references[1], references[0]]])
+    assert best_of_two.rouge1 == rouge([predictions[0]], [references[0]]).rouge1
+
+
+def test_booksum_command_reads_books_and_scores_with_rouge(workdir):
+    out = workdir / "booksum.json"
+    code, stdout, _ = cli("eval", "booksum", "--model", workdir / "run", "--data",
+                          DATA / "booksum-sample" / "kmfoda-chapters" / "test.csv",
+                          "--max-input-tokens", "2k", "--max-new-tokens", "12", "--max-books",
+                          "2", "--json", out)
+    assert code == 0 and "BookSum ROUGE" in stdout
+    report = json.loads(out.read_text())
+    assert report["settings"]["temperature"] == 0.5 and report["settings"]["top_p"] == 0.95
+    books = report["results"]["books"]
+    assert len(books) == 2
+    for book in books:
+        assert book["prompt_tokens"] <= 2048 and 1 <= book["summary_tokens"] <= 12
+        assert book["book_tokens"] - book["dropped_tokens"] < book["prompt_tokens"]
+    overall = rouge([b["summary"] for b in books], [b["references"] for b in books])
+    assert report["results"]["rouge"] == pytest.approx(overall.to_dict(), nan_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate and inspect gates
+
+
+def test_generate_answers_from_a_saved_state_like_from_the_document(workdir):
+    run, state = workdir / "run", workdir / "book.state"
+    code, _, stderr = cli("generate", "--model", run, "--file", workdir / "short.txt",
+                          "--save-state", state)
+    assert code == 0 and state.is_file() and "memory state" in stderr
+    question = ["--prompt", " Who lived at Norland?", "--max-new-tokens", "16", "--temperature",
+                "0.7", "--seed", "5"]
+    _, from_state, _ = cli("generate", "--model", run, "--state", state, *question)
+    _, rereading, _ = cli("generate", "--model", run, "--file", workdir / "short.txt", *question)
+    assert from_state == rereading and from_state.strip()
+    # The state's size does not depend on how much was read.
+    code, _, _ = cli("generate", "--model", run, "--file", workdir / "book.txt", "--save-state",
+                     workdir / "long.state", "--window-segments", "16")
+    assert code == 0
+    long_size, short_size = (workdir / "long.state").stat().st_size, state.stat().st_size
+    model = random_model(vocab_size=VOCAB, segment_len=SEGMENT)
+    one_segment_kv = 2 * model.config.n_layers * model.config.n_kv_heads * SEGMENT * \
+        model.config.head_dim * 4
+    assert abs(long_size - short_size) < one_segment_kv
+
+
+def test_inspect_gates_reports_sigmoid_beta(workdir):
+    model = random_model(vocab_size=VOCAB, segment_len=SEGMENT)
+    with torch.no_grad():
+        model.layers[0].attn.gate.copy_(torch.tensor([-6.0, 0.0, 6.0, 0.1]))
+    save_model_dir(model, workdir / "gated")
+    out = workdir / "gates"
+    code, stdout, _ = cli("inspect", "gates", "--model", workdir / "gated", "--json",
+                          out / "g.json", "--plot", out / "g.png")
+    assert code == 0 and "0.998" in stdout and "0.002" in stdout
+    report = json.loads((out / "g.json").read_text())["results"]
+    torch.testing.assert_close(torch.tensor(report["gates"]), model.memory_gates())
+    assert report["roles"][0] == {"memory": 1, "local": 1, "mixer": 2}
+    assert (out / "g.png").read_bytes()[:4] == b"\x89PNG"
