@@ -1,9 +1,204 @@
-"""`infinitrain` commands: train (placeholder until filled in)."""
+"""`infinitrain pretrain`, `infinitrain finetune` and `infinitrain recipes list|show`.
+
+Command-line options are recipe overrides (`--seed` is `--set train.seed=…`), so the recipe saved
+with every checkpoint is exactly what ran; `--max-steps` is the one exception: it only says where
+this invocation stops. Every user mistake ends in one ``Error:`` line, never a traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from .model_info import human_bytes
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+recipes_app = typer.Typer(name="recipes", no_args_is_help=True, help="Shipped training recipes.")
+
+RecipeOption = Annotated[str, typer.Option(
+    "--recipe", "-r", help="A shipped recipe name (see `infinitrain recipes list`) or a YAML file.",
+    show_default=False)]
+ResumeOption = Annotated[str | None, typer.Option(
+    help="auto: continue from the newest checkpoint in the run directory (start fresh if there "
+         "is none); or a step-XXXXXXXX directory or run directory.", show_default=False)]
+OutDirOption = Annotated[Path | None, typer.Option(
+    help="Run directory for checkpoints and logs (checkpoint.out_dir; default runs/<recipe>).",
+    show_default=False)]
+MaxStepsOption = Annotated[int | None, typer.Option(
+    min=1, help="Stop this invocation at this step and save a checkpoint there. The schedule "
+                "stays sized by train.max_steps, so stopping and resuming changes nothing.",
+    show_default=False)]
+SeedOption = Annotated[int | None, typer.Option(help="train.seed.", show_default=False)]
+DevicesOption = Annotated[int | None, typer.Option(
+    help="train.devices: processes per node (GPUs, or CPU processes for DDP).",
+    show_default=False)]
+NodesOption = Annotated[int | None, typer.Option(help="train.num_nodes.", show_default=False)]
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a recipe field: --set optim.lr=1e-4 (repeatable; values are YAML).",
+    show_default=False)]
+DryRunOption = Annotated[bool, typer.Option(
+    "--dry-run", help="Print the resolved recipe and the run's size, then exit.")]
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+    """User mistakes in recipes, data, tokenizers and checkpoints → one line, exit status 2."""
+    from ..data import DataSourceError, TokenizerError
+    from ..model import ConfigError
+    from ..model_dir import ModelDirError
+    from ..recipe import RecipeError
+    from ..training.checkpoint import ResumeError
+
+    try:
+        yield
+    except (RecipeError, ConfigError, DataSourceError, TokenizerError, ModelDirError,
+            ResumeError) as error:
+        stderr.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _overrides(sets: list[str] | None, **options: object) -> list[str]:
+    """Command-line options as recipe overrides, after the --set ones (options win)."""
+    fields = {"seed": "train.seed", "devices": "train.devices", "num_nodes": "train.num_nodes",
+              "out_dir": "checkpoint.out_dir", "init": "model.init"}
+    return [*(sets or []), *(f"{fields[name]}={value}" for name, value in options.items()
+                             if value is not None)]
+
+
+def _run(recipe_ref: str, overrides: list[str], resume: str | None, max_steps: int | None,
+         dry_run: bool, need_init: bool) -> None:
+    from ..recipe import RecipeError, dump_recipe, load_recipe
+    from ..training.run import summarize, train
+
+    with reported():
+        name, recipe = load_recipe(recipe_ref, overrides)
+        if need_init and recipe.model.init is None:
+            raise RecipeError("finetune needs weights to start from: pass --init CHECKPOINT (a "
+                              "step-XXXXXXXX directory, a run directory or a model directory)")
+        missing = recipe.missing_paths()
+        if missing:
+            field, path = missing[0]
+            raise RecipeError(f"{field}: {path}: no such file or directory (relative paths are "
+                              f"read from {Path.cwd()})")
+        if max_steps is not None and max_steps > recipe.train.max_steps:
+            raise RecipeError(f"--max-steps {max_steps}: beyond train.max_steps = "
+                              f"{recipe.train.max_steps}, where the learning-rate schedule ends; "
+                              "raise train.max_steps to train longer")
+        out_dir = Path(recipe.checkpoint.out_dir or f"runs/{name}")
+        if dry_run:
+            stdout.print(Syntax(dump_recipe(recipe), "yaml", theme="ansi_dark", word_wrap=True))
+            _print_summary(name, recipe, summarize(recipe), out_dir)
+            return
+        last = train(recipe, name, out_dir, resume=resume, stop_at=max_steps)
+    if last is not None:
+        stdout.print(f"[bold green]Checkpoint:[/] {last}")
+
+
+def _print_summary(name, recipe, summary, out_dir: Path) -> None:
+    table = Table(title=f"{name}: run size", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    streams = summary.streams_per_device
+    memory = summary.memory_state_bytes_per_stream
+    table.add_row("parameters", f"{summary.parameters:,} ({summary.parameters / 1e9:.2f}B)")
+    table.add_row("memory state per stream (M, z; fp32)", human_bytes(memory))
+    table.add_row(f"memory state per device ({streams} streams)", human_bytes(memory * streams))
+    table.add_row("window per stream", f"{recipe.data.window_tokens:,} tokens = "
+                  f"{recipe.data.window_tokens // recipe.model_config.segment_len} segments × "
+                  f"{recipe.model_config.segment_len}")
+    table.add_row("tokens per optimizer step (all devices)", f"{summary.tokens_per_step:,}")
+    table.add_row("training FLOPs per token", f"{summary.training_flops_per_token:.3g}")
+    train = recipe.train
+    if train.strategy == "deepspeed":
+        from ..training.strategy import model_state_bytes_per_device
+
+        devices = max(train.devices, 1) * train.num_nodes
+        per_device = model_state_bytes_per_device(summary.parameters, recipe.optim.name,
+                                                  train.deepspeed, devices)
+        table.add_row(f"weights, grads, optimizer per GPU (ZeRO-{train.deepspeed.stage}, "
+                      f"{devices} GPUs)", human_bytes(per_device))
+    table.add_row("steps (schedule length)", f"{recipe.train.max_steps:,}")
+    table.add_row("tokens in the run", f"{summary.tokens_per_step * recipe.train.max_steps:,}")
+    table.add_row("run directory", str(out_dir))
+    stdout.print(table)
+
+
+def pretrain(
+    recipe: RecipeOption,
+    resume: ResumeOption = None,
+    out_dir: OutDirOption = None,
+    max_steps: MaxStepsOption = None,
+    seed: SeedOption = None,
+    devices: DevicesOption = None,
+    num_nodes: NodesOption = None,
+    sets: SetOption = None,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Train a model from a recipe (from scratch, or continually from model.init)."""
+    overrides = _overrides(sets, seed=seed, devices=devices, num_nodes=num_nodes, out_dir=out_dir)
+    _run(recipe, overrides, resume, max_steps, dry_run, need_init=False)
+
+
+def finetune(
+    recipe: RecipeOption,
+    init: Annotated[str | None, typer.Option(
+        help="Weights to start from: a step-XXXXXXXX checkpoint, a run directory (its latest) or "
+             "a model directory (model.init).", show_default=False)] = None,
+    resume: ResumeOption = None,
+    out_dir: OutDirOption = None,
+    max_steps: MaxStepsOption = None,
+    seed: SeedOption = None,
+    devices: DevicesOption = None,
+    num_nodes: NodesOption = None,
+    sets: SetOption = None,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Fine-tune trained weights on a recipe's task (fresh optimizer and schedule)."""
+    overrides = _overrides(sets, seed=seed, devices=devices, num_nodes=num_nodes, out_dir=out_dir,
+                           init=init)
+    _run(recipe, overrides, resume, max_steps, dry_run, need_init=True)
+
+
+@recipes_app.command("list")
+def list_recipes() -> None:
+    """Shipped recipes and what each one trains."""
+    from ..recipe import shipped_recipes
+    from ..recipe.loading import parse_yaml
+
+    table = Table(title="Recipes (infinitrain recipes show NAME)")
+    table.add_column("name")
+    table.add_column("description")
+    for name, text in shipped_recipes().items():
+        table.add_row(name, str(parse_yaml(text, name).get("description", "")))
+    stdout.print(table)
+
+
+@recipes_app.command("show")
+def show_recipe(
+    name: Annotated[str, typer.Argument(help="Recipe name or YAML file.", show_default=False)],
+    resolved: Annotated[bool, typer.Option(
+        help="Print every field with defaults filled in instead of the file.")] = False,
+) -> None:
+    """Print a recipe: the file with its comments, or fully resolved."""
+    from ..recipe import dump_recipe, load_recipe
+    from ..recipe.loading import recipe_text
+
+    with reported():
+        text = dump_recipe(load_recipe(name)[1]) if resolved else recipe_text(name)[1]
+    stdout.print(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.command("pretrain")(pretrain)
+    app.command("finetune")(finetune)
+    app.add_typer(recipes_app)

@@ -1,0 +1,274 @@
+"""The typed recipe: what a training run is, section by section, every field documented.
+
+A recipe YAML maps onto :class:`Recipe`; :func:`infinitrain.recipe.load_recipe` parses and validates
+it. Checks that need only the recipe live here; checks that need the machine (devices, memory) live
+with the strategy choice in ``infinitrain.training.strategy``.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from glob import glob, has_magic
+from pathlib import Path
+from typing import Any, Literal
+
+from ..data.sources import SourceConfig
+from ..data.streams import StreamConfig
+from ..model import ConfigError, ModelConfig, preset
+from .typed import RecipeError, field_error, from_plain
+
+
+@dataclass
+class ModelSection:
+    """A model preset plus any :class:`~infinitrain.model.ModelConfig` field to change.
+
+    In YAML the changed fields sit next to ``preset``: ``model: {preset: 1b, segment_len: 1024}``.
+    """
+
+    preset: str = "tiny"
+    """Starting shape: tiny (CPU), 1b (Llama-3.2-1B shape) or 8b (Llama-3.1-8B shape)."""
+    init: str | None = None
+    """Weights to start from: a model or checkpoint directory (e.g. an imported Llama checkpoint for
+    continual pretraining, or a pretraining run's step-XXXXXXXX for fine-tuning). Null: random."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields that differ from the preset (written flat in YAML, see above)."""
+
+    def config(self) -> ModelConfig:
+        return preset(self.preset, **self.overrides)
+
+    @classmethod
+    def from_plain(cls, value: Any, path: str) -> ModelSection:
+        if not isinstance(value, dict):
+            raise field_error(path, value, "expected a mapping with preset, init and model fields")
+        hints = typing.get_type_hints(ModelConfig)
+        own = {"preset", "init"}
+        overrides = {}
+        for key, item in value.items():
+            if key in own:
+                continue
+            if key not in hints:
+                allowed = ", ".join([*sorted(own), *hints])
+                raise RecipeError(f"{path}.{key}: unknown field; allowed: {allowed}")
+            overrides[key] = from_plain(hints[key], item, f"{path}.{key}")
+        section = cls(preset=from_plain(str, value.get("preset", cls.preset), f"{path}.preset"),
+                      init=from_plain(str | None, value.get("init"), f"{path}.init"),
+                      overrides=overrides)
+        try:
+            section.config()
+        except ConfigError as error:
+            raise RecipeError(str(error)) from None
+        return section
+
+    def to_plain(self) -> dict[str, Any]:
+        return {"preset": self.preset, "init": self.init, **self.overrides}
+
+
+@dataclass
+class DataSection:
+    """Where the training tokens come from and how they are cut into windows."""
+
+    sources: list[SourceConfig]
+    """One or more sources (hub datasets, local files, passkey, booksum), mixed by weight."""
+    tokenizer: str | None = None
+    """Directory holding tokenizer.json (or the file). Null: the tokenizer saved with model.init."""
+    window_tokens: int = 32_768
+    """Tokens of each stream per step: k·N, a multiple of model.segment_len. Backpropagation runs
+    through the whole window; memory is carried (detached) from one window to the next."""
+    streams: int = 1
+    """B: document streams per device (the per-device batch size)."""
+    mode: Literal["document", "concat"] = "document"
+    """document: one document at a time per stream, memory emptied at each new one; concat:
+    documents packed back to back with EOS between them (short-document pretraining)."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise field_error("data.sources", self.sources, "list at least one source")
+        for name in ("window_tokens", "streams"):
+            if getattr(self, name) < 1:
+                raise field_error(f"data.{name}", getattr(self, name), "must be >= 1")
+
+    def stream_config(self, segment_len: int, seed: int) -> StreamConfig:
+        return StreamConfig(streams=self.streams, segment_len=segment_len,
+                            segments_per_window=self.window_tokens // segment_len,
+                            mode=self.mode, seed=seed)
+
+
+@dataclass
+class OptimSection:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "adafactor"] = "adamw"
+    """adamw, or adafactor (the paper's LM runs; factored second moments, less memory)."""
+    lr: float = 3e-4
+    """Peak learning rate of every parameter but the gates."""
+    gate_lr_multiplier: float = 100.0
+    """The gates' β learn at lr × this (DESIGN.md §2: under the base lr they stay stuck at 0.5)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of matrices; norms, biases and gates never decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW's (β1, β2); adafactor (no momentum, its own β2 schedule) ignores them."""
+    eps: float = 1e-8
+    """AdamW's ε (adafactor ignores it)."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to lr over this many optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays from lr to lr × this at train.max_steps."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping). Under DeepSpeed it goes into the
+    DeepSpeed config, where Lightning's clipping does not reach."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "gate_lr_multiplier", "eps"):
+            if not getattr(self, name) > 0:
+                raise field_error(f"optim.{name}", getattr(self, name), "must be > 0")
+        for name in ("weight_decay", "grad_clip", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise field_error(f"optim.{name}", getattr(self, name), "must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise field_error("optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise field_error("optim.betas", self.betas, "must be two numbers in [0, 1)")
+
+
+@dataclass
+class DeepSpeedSection:
+    """DeepSpeed ZeRO settings (used when train.strategy is deepspeed)."""
+
+    stage: Literal[1, 2, 3] = 3
+    """ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (slower, frees GPU memory)."""
+    offload_parameters: bool = False
+    """Stage 3 only: keep parameters in CPU memory too."""
+
+    def __post_init__(self) -> None:
+        if self.offload_parameters and self.stage != 3:
+            raise field_error("train.deepspeed.offload_parameters", True,
+                              f"needs train.deepspeed.stage 3, not {self.stage}")
+
+
+@dataclass
+class TrainSection:
+    """How long, on what, and how the work is split."""
+
+    max_steps: int
+    """Length of the run in optimizer steps (one step = one window of every stream, times
+    accumulate). Sizes the learning-rate schedule; `--max-steps` only stops an invocation early."""
+    accumulate: int = 1
+    """Windows whose gradients are summed before one optimizer step (one backward per window)."""
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "bf16-mixed"
+    """Lightning precision. Memory M and z stay float32 whatever this says."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """auto: GPUs when there are any, else the CPU."""
+    devices: int = 1
+    """Processes per node (GPUs, or CPU processes for DDP); -1: every GPU of the node."""
+    num_nodes: int = 1
+    """Nodes (under SLURM: the job's node count)."""
+    strategy: Literal["auto", "ddp", "deepspeed", "fsdp"] = "auto"
+    """auto: one process, or DDP over several; deepspeed: ZeRO (GPUs only); fsdp: PyTorch FSDP
+    (GPUs only)."""
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    """ZeRO stage and offloading."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward: memory for long windows, ~30% time."""
+    seed: int = 0
+    """Seeds the weights' initialisation and the data order."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "accumulate", "num_nodes"):
+            if getattr(self, name) < 1:
+                raise field_error(f"train.{name}", getattr(self, name), "must be >= 1")
+        if self.devices == 0 or self.devices < -1:
+            raise field_error("train.devices", self.devices, "must be >= 1, or -1 for every GPU")
+
+
+@dataclass
+class CheckpointSection:
+    """Where and how often the run is saved."""
+
+    out_dir: str | None = None
+    """Run directory holding step-XXXXXXXX/ checkpoints and logs. Null: runs/<recipe name>."""
+    every_steps: int = 500
+    """Save every this many optimizer steps (and always where an invocation stops)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+
+    def __post_init__(self) -> None:
+        for name in ("every_steps", "keep_last"):
+            if getattr(self, name) < 1:
+                raise field_error(f"checkpoint.{name}", getattr(self, name), "must be >= 1")
+
+
+@dataclass
+class LoggingSection:
+    """Metrics: loss, lr, grad norm, tokens/s, TFLOP/s, MFU, peak memory, gate statistics."""
+
+    every_steps: int = 10
+    """Log metrics every this many optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to <out_dir>/logs/tensorboard."""
+    csv: bool = True
+    """Write <out_dir>/logs/csv/from-step-XXXXXXXX/metrics.csv (one file per invocation)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (pip install infinitrain[wandb])."""
+    wandb_project: str = "infinitrain"
+    """W&B project name."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise field_error("logging.every_steps", self.every_steps, "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A complete, validated training run description."""
+
+    description: str = ""
+    """One line shown by `infinitrain recipes list`."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """The model's shape and the weights it starts from."""
+    data: DataSection
+    """Sources, tokenizer, window length and streams."""
+    optim: OptimSection = field(default_factory=OptimSection)
+    """Optimizer, learning rates and schedule."""
+    train: TrainSection
+    """Run length, precision, devices and strategy."""
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    """Run directory, save interval, checkpoints kept."""
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    """Metric interval and loggers."""
+
+    def __post_init__(self) -> None:
+        segment = self.model_config.segment_len
+        window = self.data.window_tokens
+        if window % segment:
+            raise field_error("data.window_tokens", window,
+                              f"must be a multiple of model.segment_len = {segment} "
+                              "(a window is whole segments)")
+        if self.optim.warmup_steps > self.train.max_steps:
+            raise field_error("optim.warmup_steps", self.optim.warmup_steps,
+                              f"must be <= train.max_steps = {self.train.max_steps}")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config()
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all devices and nodes (devices = -1 counts as 1)."""
+        processes = max(self.train.devices, 1) * self.train.num_nodes
+        return self.data.window_tokens * self.data.streams * processes * self.train.accumulate
+
+    def missing_paths(self) -> list[tuple[str, str]]:
+        """(field, path) of local files and directories the recipe names that do not exist."""
+        named = [(f"data.sources.{i}.files", pattern) for i, source in enumerate(self.data.sources)
+                 for pattern in source.files]
+        named += [(name, value) for name, value in (("data.tokenizer", self.data.tokenizer),
+                                                    ("model.init", self.model.init)) if value]
+        return [(name, path) for name, path in named if not _exists(path)]
+
+
+def _exists(pattern: str) -> bool:
+    return bool(glob(pattern, recursive=True)) if has_magic(pattern) else Path(pattern).exists()
+

@@ -1,0 +1,143 @@
+"""The LightningModule: streaming truncated BPTT over each rank's document streams.
+
+One training step takes the next window (k segments) of this rank's B streams, runs the model from
+the streams' carried memory, backpropagates through the whole window once, and carries the
+detached memory on. One backward per optimizer step, always (NOTES-stack.md: several backwards per
+step lose gradients under DeepSpeed); accumulation over windows is Lightning's
+``accumulate_grad_batches``.
+
+A window in which no rank has a supervised token (the body of a long book before its summary)
+runs without autograd and leaves the weights alone; it still counts as a step of the stream clock
+(global step and schedule), so every rank always agrees on where it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..data import IGNORE_INDEX, Window
+from ..model import InfiniState, InfiniTransformer
+from ..recipe import Recipe
+from .checkpoint import load_rank_streams
+from .optim import build_optimizer, build_scheduler
+from .weights import load_initial_weights
+
+LOSS_CHUNK_TOKENS = 4096
+"""Supervised tokens per chunk of the output-layer + cross-entropy computation: 4096 × a 128K
+vocabulary is 2 GB of float32 logits, instead of one [B·k·N, vocab] tensor for the whole window."""
+
+
+class StreamingLM(LightningModule):
+    """An Infini-Transformer trained on windows of document streams with carried memory."""
+
+    def __init__(self, recipe: Recipe, init: Path | None = None,
+                 resume_from: Path | None = None) -> None:
+        """``init``: weights to start from (not when resuming); ``resume_from``: a checkpoint
+        whose stream memories this rank continues from."""
+        super().__init__()
+        self.recipe = recipe
+        self.init = init
+        self.resume_from = resume_from
+        self.model: InfiniTransformer | None = None
+        self.streams: InfiniState | None = None
+        """This rank's stream memories after the last consumed window (None: all empty)."""
+        self.data_position: dict | None = None
+        """The data position right after the last consumed window."""
+        self._update_pending = False
+
+    def configure_model(self) -> None:
+        # Built here, not in __init__, so that DeepSpeed ZeRO-3 creates it already sharded.
+        if self.model is not None:
+            return
+        self.model = InfiniTransformer(self.recipe.model_config)
+        self.model.activation_checkpointing = self.recipe.train.activation_checkpointing
+        if self.init is not None:
+            load_initial_weights(self.model, self.init, self.trainer.is_global_zero)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = build_optimizer(self.model, self.recipe.optim)
+        scheduler = build_scheduler(optimizer, self.recipe.optim, self.recipe.train.max_steps)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        if self.resume_from is not None:
+            state, position = load_rank_streams(self.resume_from, self.global_rank)
+            self.streams, self.data_position = state.to(self.device), position
+
+    def training_step(self, window: Window, batch_idx: int) -> Tensor:
+        self.data_position = window.position
+        targets = self._supervised_tokens_everywhere(window)
+        self.log("supervised_tokens", float(targets))
+        if targets == 0:
+            with torch.no_grad():
+                _, state = self.model(window.input_ids, self.streams, window.reset,
+                                      logits_to_keep=1)
+            self.streams = state
+            # A leaf: backward touches no parameter, so no strategy communicates or updates.
+            return torch.zeros((), device=self.device, requires_grad=True)
+        with final_hidden_states(self.model) as head:
+            hidden, state = self.model(window.input_ids, self.streams, window.reset)
+        self.streams = state.detach()  # the truncation point of truncated BPTT
+        loss_sum = supervised_loss_sum(hidden, window.labels, head)
+        # Mean over every supervised token of every rank once DDP averages the gradients.
+        loss = loss_sum * (self.trainer.world_size / targets)
+        self._update_pending = True
+        self.log("loss", loss.detach(), prog_bar=True, sync_dist=self.trainer.world_size > 1)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Update the weights only if some window since the last update had supervised tokens."""
+        loss = optimizer_closure()
+        if self._update_pending:
+            optimizer.step(closure=lambda: loss)
+        self._update_pending = False
+
+    def _supervised_tokens_everywhere(self, window: Window) -> int:
+        """Supervised tokens of this window summed over ranks (the same number on every rank)."""
+        local = (window.labels != IGNORE_INDEX).sum()
+        return int(self.trainer.strategy.reduce(local, reduce_op="sum"))
+
+
+@contextlib.contextmanager
+def final_hidden_states(model: InfiniTransformer) -> Iterator[nn.Module]:
+    """Make ``model`` return its final hidden states instead of logits; yields the output layer.
+
+    The loss then runs the output layer itself on supervised positions only, in chunks, instead of
+    materialising logits for every position of a long window.
+    """
+    head = model.lm_head
+    model.lm_head = nn.Identity()
+    try:
+        yield head
+    finally:
+        model.lm_head = head
+
+
+def supervised_loss_sum(hidden: Tensor, labels: Tensor, head: nn.Module) -> Tensor:
+    """Summed next-token cross-entropy over supervised positions.
+
+    Chunks beyond the first are recomputed in the backward rather than kept, so memory holds one
+    chunk's logits at a time. The head runs at least once, even on no tokens, so that every
+    parameter takes part in the backward (DDP and ZeRO expect it on every rank).
+    """
+    mask = labels != IGNORE_INDEX
+    hidden, targets = hidden[mask], labels[mask]
+    if len(targets) <= LOSS_CHUNK_TOKENS:
+        return _cross_entropy_sum(hidden, targets, head)
+    return sum(checkpoint(_cross_entropy_sum, hidden[start:start + LOSS_CHUNK_TOKENS],
+                          targets[start:start + LOSS_CHUNK_TOKENS], head, use_reentrant=False)
+               for start in range(0, len(targets), LOSS_CHUNK_TOKENS))
+
+
+def _cross_entropy_sum(hidden: Tensor, targets: Tensor, head: nn.Module) -> Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")

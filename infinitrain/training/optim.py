@@ -1,0 +1,65 @@
+"""Optimizer parameter groups and the warm-up + cosine learning-rate schedule.
+
+Three groups: matrices decay; norms and biases do not; the memory gates β neither decay nor share
+the base learning rate (DESIGN.md §2: under a small global lr they stay stuck at sigmoid 0.5).
+The schedule is a pure function of the optimizer step and the recipe's max_steps, so where an
+invocation stops (`--max-steps`) never changes it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..model.attention import InfiniAttention
+from ..recipe import OptimSection
+
+
+def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
+    """``decay``, ``no_decay`` and ``gates`` groups, each tagged with its name."""
+    gates = {id(module.gate) for module in model.modules() if isinstance(module, InfiniAttention)}
+    groups = {"decay": [], "no_decay": [], "gates": []}
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        if id(parameter) in gates:
+            groups["gates"].append(parameter)
+        elif parameter.ndim < 2:  # norm weights and biases
+            groups["no_decay"].append(parameter)
+        else:
+            groups["decay"].append(parameter)
+    settings = {
+        "decay": {"weight_decay": optim.weight_decay, "lr": optim.lr},
+        "no_decay": {"weight_decay": 0.0, "lr": optim.lr},
+        "gates": {"weight_decay": 0.0, "lr": optim.lr * optim.gate_lr_multiplier},
+    }
+    return [{"name": name, "params": params, **settings[name]}
+            for name, params in groups.items() if params]
+
+
+def build_optimizer(model: nn.Module, optim: OptimSection) -> Optimizer:
+    groups = parameter_groups(model, optim)
+    if optim.name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=optim.lr)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr after ``step`` optimizer steps: linear warm-up, then cosine."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(max_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: Optimizer, optim: OptimSection, max_steps: int) -> LambdaLR:
+    """Per-optimizer-step LambdaLR sized by the recipe, never by the trainer's step estimate."""
+    def factor(step: int) -> float:
+        return lr_factor(step, optim.warmup_steps, max_steps, optim.min_lr_ratio)
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,189 @@
+"""One training invocation: from a validated recipe to checkpoints in the run directory."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+from ..data import Tokenizer, load_tokenizer
+from ..inference.loading import resolve_model_path
+from ..model import InfiniTransformer, ModelConfig
+from ..model_dir import tokenizer_path
+from ..recipe import LoggingSection, Recipe, RecipeError, parse_recipe
+from .checkpoint import (
+    RECIPE_FILE,
+    TRAINER_STATE,
+    ResumeError,
+    find_checkpoint,
+    newest_checkpoint,
+    read_manifest,
+)
+from .data import StreamData, check_sources
+from .metrics import TrainingMetrics, training_flops_per_token
+from .module import StreamingLM
+from .progress import StepProgressBar, TextProgress
+from .saving import CheckpointWriter
+from .strategy import Plan, plan
+from .weights import check_init
+
+LOG_DIR = "logs"
+
+
+@dataclass
+class RunSummary:
+    """What `--dry-run` prints: the run's size without building or loading anything real."""
+
+    parameters: int
+    memory_state_bytes_per_stream: int
+    streams_per_device: int
+    tokens_per_step: int
+    training_flops_per_token: float
+
+
+def meta_model(config: ModelConfig) -> InfiniTransformer:
+    """The model's structure without memory (parameter counting, memory-state sizing)."""
+    with torch.device("meta"):
+        return InfiniTransformer(config)
+
+
+def summarize(recipe: Recipe) -> RunSummary:
+    model = meta_model(recipe.model_config)
+    return RunSummary(
+        parameters=sum(p.numel() for p in model.parameters()),
+        memory_state_bytes_per_stream=model.empty_state(1, "meta").memory_nbytes(),
+        streams_per_device=recipe.data.streams,
+        tokens_per_step=recipe.tokens_per_step,
+        training_flops_per_token=training_flops_per_token(recipe.model_config),
+    )
+
+
+def resolve_tokenizer(recipe: Recipe) -> Tokenizer:
+    """The recipe's tokenizer, else the one saved with model.init; it must fit the vocabulary."""
+    path = recipe.data.tokenizer
+    if path is None and recipe.model.init is not None:
+        path = tokenizer_path(resolve_model_path(recipe.model.init))
+    if path is None:
+        raise RecipeError("data.tokenizer = null: set it to a tokenizer directory (e.g. a "
+                          "Llama-3 tokenizer), or set model.init to a model directory that has one")
+    tokenizer = load_tokenizer(path)
+    vocab = recipe.model_config.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise RecipeError(f"data.tokenizer = {path}: has {tokenizer.vocab_size} token ids, more "
+                          f"than model.vocab_size = {vocab}")
+    return tokenizer
+
+
+def loggers(logging: LoggingSection, out_dir: Path, name: str, start_step: int) -> list[Logger]:
+    """TensorBoard appends across invocations; CSV gets one file per invocation, named by the
+    step it starts from (Lightning's CSV logger replaces an existing file)."""
+    chosen: list[Logger] = []
+    if logging.tensorboard:
+        chosen.append(TensorBoardLogger(out_dir / LOG_DIR, name="tensorboard", version="",
+                                        default_hp_metric=False))
+    if logging.csv:
+        chosen.append(CSVLogger(out_dir / LOG_DIR, name="csv",
+                                version=f"from-step-{start_step:08d}"))
+    if logging.wandb:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+
+            chosen.append(WandbLogger(project=logging.wandb_project, name=name,
+                                      save_dir=str(out_dir)))
+        except ModuleNotFoundError:
+            raise RecipeError("logging.wandb = true: wandb is not installed "
+                              "(pip install 'infinitrain[wandb]')") from None
+    return chosen
+
+
+def checkpoint_to_resume(resume: str | None, out_dir: Path) -> Path | None:
+    """The checkpoint to continue from; refuses to start over a run that already has one."""
+    if resume is not None:
+        return find_checkpoint(resume, out_dir)
+    existing = newest_checkpoint(out_dir)
+    if existing is not None:
+        raise ResumeError(f"{out_dir} already holds checkpoints (newest {existing.name}): pass "
+                          "--resume auto to continue that run, or choose another --out-dir")
+    return None
+
+
+def check_same_streams(recipe: Recipe, checkpoint: Path) -> None:
+    """Refuse to resume with data, model or seed other than the checkpoint's: its stream
+    positions and memories would not mean the same thing."""
+    saved = parse_recipe(yaml.safe_load((checkpoint / RECIPE_FILE).read_text()))
+    changed = [name for name, before, now in (
+        ("data", saved.data, recipe.data), ("model", saved.model_config, recipe.model_config),
+        ("train.seed", saved.train.seed, recipe.train.seed)) if before != now]
+    if changed:
+        raise ResumeError(f"{checkpoint}: {' and '.join(changed)} differ from the checkpoint's, so "
+                          "its streams cannot continue exactly; resume with its recipe "
+                          f"(--recipe {checkpoint / RECIPE_FILE}) or start a new run")
+
+
+def cluster_plugins() -> list:
+    """Under SLURM, Lightning's own requeue checkpoint lacks the stream memories; a run is resumed
+    from our checkpoints (`--resume auto`) instead."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def quiet_known_warnings() -> None:
+    """Warnings every run would print that need no action."""
+    # One process per device feeds its own streams; loader workers would not help.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # A window without supervised tokens steps the schedule without an optimizer update.
+    warnings.filterwarnings("ignore", r".*lr_scheduler.step\(\)` before `optimizer.step\(\)`.*")
+    # Lightning 2.6 on torch 2.13 (lightning/pytorch/utilities/_pytree.py).
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
+def build_trainer(recipe: Recipe, name: str, run_plan: Plan, out_dir: Path, start_step: int,
+                  stop_at: int, tokenizer: Tokenizer) -> Trainer:
+    every = recipe.logging.every_steps
+    interactive = sys.stdout.isatty()
+    callbacks = [CheckpointWriter(out_dir, recipe, tokenizer, run_plan.kind),
+                 TrainingMetrics(recipe.model_config, every, recipe.train.precision),
+                 StepProgressBar() if interactive else TextProgress(every)]
+    return Trainer(
+        accelerator=run_plan.accelerator, devices=run_plan.devices,
+        num_nodes=run_plan.num_nodes, strategy=run_plan.strategy, precision=run_plan.precision,
+        max_steps=stop_at, accumulate_grad_batches=recipe.train.accumulate,
+        gradient_clip_val=run_plan.gradient_clip_val,
+        logger=loggers(recipe.logging, out_dir, name, start_step), callbacks=callbacks,
+        enable_checkpointing=False, enable_progress_bar=interactive, log_every_n_steps=every,
+        default_root_dir=out_dir, plugins=cluster_plugins(), use_distributed_sampler=False,
+    )
+
+
+def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
+          stop_at: int | None = None) -> Path | None:
+    """Train until ``stop_at`` (default: the recipe's max_steps) and return the last checkpoint."""
+    seed_everything(recipe.train.seed, workers=True, verbose=False)
+    quiet_known_warnings()
+    tokenizer = resolve_tokenizer(recipe)
+    check_sources(recipe, tokenizer)
+    run_plan = plan(recipe, summarize(recipe).parameters)
+    resume_from = checkpoint_to_resume(resume, out_dir)
+    start_step = 0
+    if resume_from is not None:
+        manifest = read_manifest(resume_from)
+        manifest.check_compatible(run_plan.world_size, recipe.data.streams,
+                                  recipe.data.window_tokens, resume_from)
+        start_step = manifest.step
+        check_same_streams(recipe, resume_from)
+    init = None if resume_from is not None or recipe.model.init is None else \
+        check_init(recipe.model.init, recipe.model_config)
+    trainer = build_trainer(recipe, name, run_plan, out_dir, start_step,
+                            stop_at or recipe.train.max_steps, tokenizer)
+    trainer.fit(StreamingLM(recipe, init=init, resume_from=resume_from),
+                datamodule=StreamData(recipe, tokenizer, resume_from),
+                ckpt_path=None if resume_from is None else resume_from / TRAINER_STATE,
+                weights_only=True)
+    return newest_checkpoint(out_dir)

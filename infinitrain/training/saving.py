@@ -1,0 +1,127 @@
+"""The callback that writes checkpoints: every N steps, where an invocation stops, and on SIGUSR1.
+
+Every rank takes part: Lightning/DeepSpeed write the trainer state (sharded under ZeRO), each rank
+writes its own streams' memory and data position, rank 0 writes the recipe, tokenizer and
+inference model directory, and only then is the checkpoint renamed into place.
+
+SIGUSR1 (SLURM's ``--signal=USR1@90`` before a time limit or preemption) asks for a checkpoint at
+the next step and a clean stop; under SLURM the job is then requeued, and its script's
+``--resume auto`` continues from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..data import Tokenizer
+from ..model import InfiniTransformer
+from ..model_dir import TOKENIZER_DIR, save_model_dir
+from ..recipe import Recipe, dump_recipe
+from .checkpoint import (
+    RECIPE_FILE,
+    TRAINER_STATE,
+    Manifest,
+    clear_staging,
+    publish,
+    save_rank_streams,
+    staging_dir,
+    write_manifest,
+)
+from .module import StreamingLM
+from .weights import model_from_state_dict, zero3_state_dict
+
+MODULE_PREFIX = "model."
+"""Where the LightningModule keeps the InfiniTransformer (prefix of its state-dict names)."""
+
+
+class CheckpointWriter(Callback):
+    """Saves complete, resumable checkpoints into ``out_dir`` (see ``checkpoint.py``)."""
+
+    def __init__(self, out_dir: Path, recipe: Recipe, tokenizer: Tokenizer, kind: str) -> None:
+        self.out_dir = out_dir
+        self.recipe = recipe
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.saved_step = self.seen_step = -1
+        self.stop_requested = False
+        self._previous_handler = None
+
+    def on_train_start(self, trainer: Trainer, module: StreamingLM) -> None:
+        self.saved_step = self.seen_step = trainer.global_step  # a resumed run has this one
+        self._previous_handler = signal.signal(signal.SIGUSR1, self._request_stop)
+
+    def on_train_end(self, trainer: Trainer, module: StreamingLM) -> None:
+        signal.signal(signal.SIGUSR1, self._previous_handler or signal.SIG_DFL)
+
+    def _request_stop(self, signum: int, frame) -> None:
+        self.stop_requested = True
+
+    def on_train_batch_end(self, trainer: Trainer, module: StreamingLM, outputs, batch,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        stop = trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False)
+        if step == self.seen_step:  # mid-accumulation: only a completed step can be resumed
+            return
+        self.seen_step = step
+        due = step % self.recipe.checkpoint.every_steps == 0 or step >= trainer.max_steps
+        if (due or stop) and step != self.saved_step:
+            self.save(trainer, module)
+        if stop:
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                rank_zero_info(f"SIGUSR1: stopped at step {step} with a checkpoint")
+                requeue_slurm_job()
+
+    def save(self, trainer: Trainer, module: StreamingLM) -> None:
+        step, strategy = trainer.global_step, trainer.strategy
+        staged = staging_dir(self.out_dir, step)
+        if trainer.is_global_zero:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            clear_staging(self.out_dir)
+            staged.mkdir()
+        strategy.barrier("checkpoint: staging directory")
+        trainer.save_checkpoint(staged / TRAINER_STATE, weights_only=False)
+        save_rank_streams(staged, trainer.global_rank, module.streams, module.data_position)
+        if trainer.is_global_zero:
+            save_model_dir(self._whole_model(module, staged), staged)
+            self.tokenizer.save(staged / TOKENIZER_DIR)
+            (staged / RECIPE_FILE).write_text(dump_recipe(self.recipe))
+            write_manifest(staged, Manifest(step, trainer.world_size, self.recipe.data.streams,
+                                            self.recipe.data.window_tokens, self.kind))
+        strategy.barrier("checkpoint: written")
+        if trainer.is_global_zero:
+            publish(staged, self.out_dir, step, self.recipe.checkpoint.keep_last)
+        strategy.barrier("checkpoint: published")
+        self.saved_step = step
+
+    def _whole_model(self, module: StreamingLM, staged: Path) -> InfiniTransformer:
+        """The full model on rank 0: the live one, or rebuilt from what was just saved when the
+        live one is sharded."""
+        config = self.recipe.model_config
+        if self.kind == "deepspeed" and self.recipe.train.deepspeed.stage == 3:
+            state = zero3_state_dict(staged / TRAINER_STATE)
+        elif self.kind == "fsdp":  # state_dict_type="full": rank 0 saved whole weights
+            state = torch.load(staged / TRAINER_STATE, map_location="cpu", mmap=True,
+                               weights_only=False)["state_dict"]
+        else:
+            return module.model
+        return model_from_state_dict(config, state, MODULE_PREFIX)
+
+
+def requeue_slurm_job() -> None:
+    """Put this SLURM job back in the queue (no-op outside SLURM)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    rank_zero_info(f"requeue of SLURM job {job}: "
+                   f"{'done' if result.returncode == 0 else result.stderr.strip()}")

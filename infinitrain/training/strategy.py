@@ -1,0 +1,142 @@
+"""From a recipe and the machine to Lightning's accelerator, strategy and precision.
+
+Impossible combinations fail here, before any process starts, with the fix in the message:
+DeepSpeed or FSDP without a GPU, fp16 on a CPU, or a ZeRO layout whose weights, gradients and
+optimizer states alone cannot fit the devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..recipe import DeepSpeedSection, Recipe, RecipeError
+
+OPTIMIZER_STATE_BYTES = {"adamw": 12, "adafactor": 4}
+"""Bytes per parameter of the float32 master copy plus optimizer moments (AdamW: m and v)."""
+WEIGHT_BYTES = GRADIENT_BYTES = 2  # bf16
+USABLE_FRACTION = 0.9
+"""Share of a GPU's memory the model states may take; activations need the rest."""
+
+
+@dataclass
+class Plan:
+    """Everything `lightning.Trainer` needs to know about where and how to run."""
+
+    accelerator: str
+    """'cpu' or 'gpu'."""
+    kind: str
+    """'single', 'ddp', 'deepspeed' or 'fsdp'."""
+    strategy: Any
+    """What Trainer(strategy=...) gets."""
+    devices: int
+    num_nodes: int
+    precision: str
+    gradient_clip_val: float | None
+    """Lightning's clipping; None under DeepSpeed, whose own config clips."""
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+def plan(recipe: Recipe, parameters: int) -> Plan:
+    train = recipe.train
+    gpus = torch.cuda.device_count()
+    accelerator = train.accelerator if train.accelerator != "auto" else "gpu" if gpus else "cpu"
+    if accelerator == "gpu" and not gpus:
+        raise RecipeError("train.accelerator = gpu: no CUDA GPU is visible here; use cpu or auto")
+    if accelerator == "cpu":
+        if train.strategy in ("deepspeed", "fsdp"):
+            raise RecipeError(f"train.strategy = {train.strategy}: needs CUDA GPUs and this run "
+                              "is on the CPU; use auto or ddp (DDP over CPU processes)")
+        if train.precision == "16-mixed":
+            raise RecipeError("train.precision = 16-mixed: fp16 needs a GPU; on a CPU use "
+                              "32-true or bf16-mixed")
+        if train.devices == -1:
+            raise RecipeError("train.devices = -1 means every GPU; on a CPU give the number of "
+                              "processes")
+    devices = gpus if train.devices == -1 else train.devices
+    if accelerator == "gpu" and devices > gpus:
+        raise RecipeError(f"train.devices = {devices}: this node has {gpus} GPUs")
+    world_size = devices * train.num_nodes
+    kind = train.strategy if train.strategy in ("deepspeed", "fsdp") else \
+        "ddp" if world_size > 1 or train.strategy == "ddp" else "single"
+    clip = recipe.optim.grad_clip or None
+    if kind == "deepspeed":
+        if accelerator == "gpu":
+            check_fits(parameters, recipe.optim.name, train.deepspeed, world_size,
+                       torch.cuda.get_device_properties(0).total_memory)
+        strategy = deepspeed_strategy(recipe)
+        clip = None
+    elif kind == "fsdp":
+        strategy = fsdp_strategy()
+    elif kind == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo" if accelerator == "cpu" else "nccl")
+    else:
+        strategy = "auto"
+    return Plan(accelerator, kind, strategy, devices, train.num_nodes, train.precision, clip)
+
+
+def model_state_bytes_per_device(parameters: int, optimizer: str, zero: DeepSpeedSection,
+                                 world_size: int) -> float:
+    """Weights, gradients and optimizer states one device holds under ZeRO (activations apart)."""
+    weights = parameters * WEIGHT_BYTES
+    gradients = parameters * GRADIENT_BYTES
+    states = parameters * OPTIMIZER_STATE_BYTES[optimizer]
+    if zero.offload_optimizer:
+        states = 0
+    states /= world_size
+    if zero.stage >= 2:
+        gradients /= world_size
+    if zero.stage == 3:
+        weights = 0 if zero.offload_parameters else weights / world_size
+    return weights + gradients + states
+
+
+def check_fits(parameters: int, optimizer: str, zero: DeepSpeedSection, world_size: int,
+               device_bytes: int) -> None:
+    need = model_state_bytes_per_device(parameters, optimizer, zero, world_size)
+    if need > USABLE_FRACTION * device_bytes:
+        raise RecipeError(
+            f"train.deepspeed: {parameters / 1e9:.1f}B parameters need {need / 2**30:.0f} GiB per "
+            f"device for weights, gradients and {optimizer} states with ZeRO stage {zero.stage} "
+            f"over {world_size} device(s), more than the {device_bytes / 2**30:.0f} GiB a GPU "
+            "has: use more devices (train.devices, train.num_nodes) or set "
+            "train.deepspeed.offload_optimizer (and offload_parameters at stage 3)")
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """DeepSpeed's own config; gradient clipping belongs here (Lightning's does not reach)."""
+    zero = recipe.train.deepspeed
+    optimization: dict[str, Any] = {"stage": zero.stage, "overlap_comm": True,
+                                    "contiguous_gradients": True}
+    if zero.offload_optimizer:
+        optimization["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if zero.offload_parameters:
+        optimization["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "zero_optimization": optimization,
+        "zero_allow_untested_optimizer": True,  # torch's AdamW/Adafactor: no CUDA op to compile
+        "gradient_clipping": recipe.optim.grad_clip,
+        "train_micro_batch_size_per_gpu": recipe.data.streams,
+    }
+
+
+def deepspeed_strategy(recipe: Recipe) -> Any:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return DeepSpeedStrategy(config=deepspeed_config(recipe))
+
+
+def fsdp_strategy() -> Any:
+    """Fully sharded data parallel over the transformer blocks; whole-model checkpoints."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from ..model.transformer import Block
+
+    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full")

@@ -1,0 +1,1 @@
+"""Shipped recipes: this directory is installed as the package ``infinitrain.recipes``."""

@@ -1,0 +1,241 @@
+"""`infinitrain pretrain` end to end on the CPU: the loss falls, resuming is exact (also after a
+SIGKILL), two DDP processes stream different documents, read-only windows leave the weights alone.
+
+Every run is the tiny recipe through the real CLI, shrunk with --set to seconds per run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from infinitrain.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+INFINITRAIN = Path(sys.executable).with_name("infinitrain")
+SMALL = ["model.d_model=64", "model.ffn_dim=128", "model.segment_len=32", "data.window_tokens=64",
+         "data.streams=2", "optim.warmup_steps=2", "logging.every_steps=1",
+         "logging.tensorboard=false", "checkpoint.every_steps=3", "checkpoint.keep_last=5"]
+STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    """The recipe's data paths are relative to the repository; one thread is faster here."""
+    monkeypatch.chdir(REPO)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def pretrain(out_dir: Path, *args: str, overrides: list[str] = SMALL):
+    result = CliRunner().invoke(app, ["pretrain", "--recipe", "tiny", "--out-dir", str(out_dir),
+                                      *args, *sets(overrides)])
+    return result
+
+
+def trained(out_dir: Path, *args: str, overrides: list[str] = SMALL) -> None:
+    result = pretrain(out_dir, *args, overrides=overrides)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """Logged loss per optimizer step over every invocation of a run."""
+    found = {}
+    for path in sorted((out_dir / "logs" / "csv").glob("*/metrics.csv")):
+        with path.open() as rows:
+            found |= {int(row["step"]): float(row["loss"]) for row in csv.DictReader(rows)
+                      if row.get("loss")}
+    return found
+
+
+def checkpoint(out_dir: Path, step: int) -> Path:
+    return out_dir / f"step-{step:08d}"
+
+
+def streams(step_dir: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    path = step_dir / "streams" / f"rank-{rank:05d}.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        position = json.loads(handle.metadata()["position"])
+    return load_file(str(path)), position
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """STEPS steps in one invocation: the reference the interrupted runs must reproduce."""
+    out_dir = tmp_path_factory.mktemp("straight")
+    os.chdir(REPO)
+    trained(out_dir, "--max-steps", str(STEPS))
+    return out_dir
+
+
+def assert_same_end(run: Path, reference: Path) -> None:
+    """Bitwise the same weights, stream memories and data position after STEPS steps."""
+    final, expected = checkpoint(run, STEPS), checkpoint(reference, STEPS)
+    assert_same_tensors(load_file(str(final / "model.safetensors")),
+                        load_file(str(expected / "model.safetensors")))
+    state, position = streams(final)
+    expected_state, expected_position = streams(expected)
+    assert_same_tensors(state, expected_state)
+    assert position == expected_position and position["windows"] == STEPS
+
+
+def test_tiny_pretrain_runs_through_the_cli_and_the_loss_falls(tmp_path):
+    out_dir = tmp_path / "run"
+    trained(out_dir, "--max-steps", "30", overrides=[
+        *SMALL, "data.streams=4", "optim.warmup_steps=5", "checkpoint.every_steps=30"])
+    curve = losses(out_dir)
+    assert len(curve) == 30
+    first, last = curve[min(curve)], sum(list(curve.values())[-5:]) / 5
+    assert last < first - 1.0, curve
+    final = checkpoint(out_dir, 30)
+    assert (out_dir / "latest").read_text().strip() == final.name
+    for name in ("trainer.ckpt", "recipe.yaml", "model.safetensors", "model_config.json",
+                 "tokenizer/tokenizer.json", "streams/rank-00000.safetensors", "checkpoint.json"):
+        assert (final / name).exists(), name
+
+
+def test_the_optimizer_of_a_real_run_gives_gates_their_own_lr_and_no_decay(straight_run):
+    state = torch.load(checkpoint(straight_run, STEPS) / "trainer.ckpt", weights_only=True)
+    groups = {group["name"]: group for group in state["optimizer_states"][0]["param_groups"]}
+    assert set(groups) == {"decay", "no_decay", "gates"}
+    assert len(groups["gates"]["params"]) == 2  # one β vector per layer
+    assert groups["gates"]["weight_decay"] == groups["no_decay"]["weight_decay"] == 0.0
+    assert groups["decay"]["weight_decay"] == 0.1
+    assert groups["gates"]["lr"] == pytest.approx(10 * groups["decay"]["lr"])  # tiny: × 10
+
+
+def test_stop_and_resume_equals_a_straight_run(straight_run, tmp_path):
+    run = tmp_path / "resumed"
+    trained(run, "--max-steps", str(STEPS // 2))
+    assert pretrain(run, "--max-steps", str(STEPS)).exit_code == 2  # no --resume: refused
+    changed = pretrain(run, "--max-steps", str(STEPS), "--resume", "auto",
+                       overrides=[*SMALL, "data.mode=concat"])
+    assert changed.exit_code == 2 and "data differ from the checkpoint's" in changed.output
+    trained(run, "--max-steps", str(STEPS), "--resume", "auto")
+    assert losses(run) == losses(straight_run)
+    assert len(losses(run)) == STEPS
+    assert_same_end(run, straight_run)
+
+
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint(straight_run, tmp_path):
+    run = tmp_path / "killed"
+    process = subprocess.Popen(
+        [str(INFINITRAIN), "pretrain", "--recipe", "tiny", "--out-dir", str(run),
+         "--max-steps", "100", *sets([*SMALL, "checkpoint.every_steps=2"])],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not (checkpoint(run, 2) / "checkpoint.json").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    complete = sorted(path.name for path in run.glob("step-*"))
+    assert complete and complete[-1] < checkpoint(run, STEPS).name, complete
+    trained(run, "--max-steps", str(STEPS), "--resume", "auto")
+    assert_same_end(run, straight_run)
+    assert not list(run.glob(".tmp-*"))  # a save cut short by the kill is cleared
+
+
+def test_two_ddp_processes_stream_different_documents(tmp_path):
+    """BookSum chapters (read, then summarised) of different lengths on two ranks: steps where no
+    rank, one rank or both have summary tokens all go through DDP without a hang."""
+    run = tmp_path / "ddp"
+    chapters = ["data.sources=[{kind: booksum, files: "
+                "[data/booksum-sample/kmfoda-chapters/test.csv]}]", "data.window_tokens=512",
+                "data.streams=1", "checkpoint.every_steps=8"]
+    subprocess.run(
+        [str(INFINITRAIN), "pretrain", "--recipe", "tiny", "--out-dir", str(run), "--devices", "2",
+         "--max-steps", "8", *sets([*SMALL, *chapters])],
+        cwd=REPO, env=subprocess_env(), check=True, capture_output=True, timeout=300)
+    final = checkpoint(run, 8)
+    assert json.loads((final / "checkpoint.json").read_text())["world_size"] == 2
+    (state0, position0), (state1, position1) = streams(final, 0), streams(final, 1)
+    assert (position0["rank"], position1["rank"]) == (0, 1)
+    assert position0["windows"] == position1["windows"] == 8
+    # Same weights on both ranks (DDP), so different memories mean different tokens were read.
+    assert not torch.equal(state0["layers.0.memory"], state1["layers.0.memory"])
+    assert 0 < len(losses(run)) < 8  # some steps only read (no rank had a summary token)
+    result = pretrain(run, "--resume", "auto", "--max-steps", "9", overrides=[*SMALL, *chapters])
+    assert result.exit_code == 2 and "saved by 2 processes" in result.output
+
+
+def test_windows_without_supervised_tokens_leave_the_weights_alone(tmp_path):
+    """A 200-token passkey prompt spans four 64-token windows; only the last holds the answer."""
+    run = tmp_path / "passkey"
+    passkey = ['data.sources=[{kind: passkey, passkey_length: 200}]', "data.streams=1",
+               "checkpoint.every_steps=1"]
+    trained(run, "--max-steps", "4", overrides=[*SMALL, *passkey])
+    weights = [load_file(str(checkpoint(run, step) / "model.safetensors")) for step in (1, 2, 3, 4)]
+    assert_same_tensors(weights[0], weights[1])
+    assert_same_tensors(weights[0], weights[2])
+    assert not torch.equal(weights[2]["embed_tokens.weight"], weights[3]["embed_tokens.weight"])
+    memories = [streams(checkpoint(run, step))[0]["layers.0.memory"] for step in (1, 2, 3)]
+    assert not torch.equal(memories[0], memories[1]) and not torch.equal(memories[1], memories[2])
+    assert sorted(losses(run)) == [3]  # only the answer window has a loss (steps log from 0)
+
+
+def test_finetune_starts_from_the_init_weights(straight_run, tmp_path):
+    init = checkpoint(straight_run, STEPS)
+    run = tmp_path / "finetuned"
+    result = CliRunner().invoke(app, ["finetune", "--recipe", "tiny", "--init", str(straight_run),
+                                      "--out-dir", str(run), "--max-steps", "1",
+                                      *sets([*SMALL, "optim.lr=1e-9"])])
+    assert result.exit_code == 0, result.output
+    start, tuned = (load_file(str(path / "model.safetensors"))
+                    for path in (init, checkpoint(run, 1)))
+    for name in start:
+        torch.testing.assert_close(tuned[name], start[name], rtol=0, atol=1e-6)
+    wrong = CliRunner().invoke(app, ["finetune", "--recipe", "tiny", "--init", str(init),
+                                     "--out-dir", str(tmp_path / "wrong"), "--dry-run"])
+    assert wrong.exit_code == 0  # the dry run does not read weights; the real run checks shapes
+    wrong = CliRunner().invoke(app, ["finetune", "--recipe", "tiny", "--init", str(init),
+                                     "--out-dir", str(tmp_path / "wrong")])
+    assert wrong.exit_code == 2 and "d_model 64 vs 128" in wrong.output, wrong.output
+
+
+def test_sigusr1_saves_a_checkpoint_and_stops_cleanly(tmp_path):
+    run = tmp_path / "signalled"
+    process = subprocess.Popen(
+        [str(INFINITRAIN), "pretrain", "--recipe", "tiny", "--out-dir", str(run),
+         "--max-steps", "300", *sets([*SMALL, "checkpoint.every_steps=2"])],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not (checkpoint(run, 2) / "checkpoint.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGUSR1)
+    output = process.communicate(timeout=120)[0].decode()
+    assert process.returncode == 0, output
+    newest = (run / "latest").read_text().strip()
+    stopped_at = int(newest.removeprefix("step-"))
+    assert 2 < stopped_at < 300 and f"stopped at step {stopped_at}" in output, output

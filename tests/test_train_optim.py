@@ -1,0 +1,89 @@
+"""Optimizer groups, the learning-rate schedule and the chunked loss of the training module."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infinitrain.data import IGNORE_INDEX
+from infinitrain.model.attention import InfiniAttention
+from infinitrain.recipe import load_recipe
+from infinitrain.training import module as training_module
+from infinitrain.training.module import StreamingLM, supervised_loss_sum
+from infinitrain.training.optim import lr_factor
+
+
+def configured(*overrides: str):
+    _, recipe = load_recipe("tiny", ["model.d_model=32", "model.ffn_dim=64", *overrides])
+    module = StreamingLM(recipe)
+    module.configure_model()
+    return module, module.configure_optimizers()
+
+
+def test_gates_get_their_own_lr_and_no_weight_decay():
+    module, configured_optim = configured("optim.lr=0.002", "optim.gate_lr_multiplier=100",
+                                          "optim.weight_decay=0.05")
+    optimizer = configured_optim["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    gates = [m.gate for m in module.model.modules() if isinstance(m, InfiniAttention)]
+    assert [id(p) for p in groups["gates"]["params"]] == [id(p) for p in gates]
+    scheduler = configured_optim["lr_scheduler"]["scheduler"]
+    base = {name: lr / scheduler.lr_lambdas[0](0) for name, lr in
+            zip(groups, scheduler.get_last_lr(), strict=True)}
+    assert base == pytest.approx({"decay": 0.002, "no_decay": 0.002, "gates": 0.2})
+    assert groups["gates"]["weight_decay"] == groups["no_decay"]["weight_decay"] == 0.0
+    assert groups["decay"]["weight_decay"] == 0.05
+    named = dict(module.model.named_parameters())
+    no_decay = {id(p) for p in groups["no_decay"]["params"]}
+    assert no_decay == {id(p) for name, p in named.items() if "norm" in name}
+    assert all(p.ndim == 2 for p in groups["decay"]["params"])
+    every = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(every) == sorted(id(p) for p in module.model.parameters())  # each exactly once
+
+
+def test_adafactor_keeps_the_groups():
+    _, configured_optim = configured("optim.name=adafactor")
+    optimizer = configured_optim["optimizer"]
+    assert isinstance(optimizer, torch.optim.Adafactor)
+    assert [g["name"] for g in optimizer.param_groups] == ["decay", "no_decay", "gates"]
+
+
+def test_schedule_warms_up_then_decays_to_the_floor_at_the_recipe_length():
+    factors = [lr_factor(step, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+               for step in range(130)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert factors[110] == factors[129] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
+
+
+def test_chunked_loss_equals_the_plain_one(monkeypatch):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 40, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 40))
+    labels[0, :25] = IGNORE_INDEX
+    expected = F.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), reduction="sum")
+    expected_grads = torch.autograd.grad(expected, [hidden, head.weight])
+    monkeypatch.setattr(training_module, "LOSS_CHUNK_TOKENS", 7)  # 55 targets: 8 chunks
+    loss = supervised_loss_sum(hidden, labels, head)
+    grads = torch.autograd.grad(loss, [hidden, head.weight])
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_rank_without_targets_still_reaches_every_head_parameter():
+    """DDP and ZeRO wait for every parameter's gradient on every rank, zero or not."""
+    head = torch.nn.Linear(8, 10, bias=False)
+    hidden = torch.randn(1, 4, 8, requires_grad=True)
+    labels = torch.full((1, 4), IGNORE_INDEX)
+    loss = supervised_loss_sum(hidden, labels, head)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert head.weight.grad is not None and not head.weight.grad.any()
