@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import memory as mem
 from .config import ModelConfig
-from .layers import apply_rope, rope_frequencies
+from .layers import apply_rope
+from .memory import feature_map, retrieve, scan, update
 from .state import LayerState
 
 try:  # optional GPU extra
@@ -81,7 +81,6 @@ class InfiniAttention(nn.Module):
         self.o_proj = nn.Linear(h_q * d, config.d_model, bias=False)
         self.gate = nn.Parameter(torch.full((h_q,), float(config.gate_init)))
         """β per query head: sigmoid(β) weighs memory against local attention."""
-        self.register_buffer("inv_freq", rope_frequencies(d, config.rope_theta), persistent=False)
 
     def forward(self, x: Tensor, state: LayerState, reset: Tensor | None = None,
                 use_memory: bool = True) -> tuple[Tensor, LayerState]:
@@ -128,14 +127,14 @@ class InfiniAttention(nn.Module):
         s = t // n
         positions = torch.arange(n, device=q.device)
         local = local_attention(
-            apply_rope(q.reshape(b * s, n, h_q, d), positions, self.inv_freq),
-            apply_rope(k.reshape(b * s, n, -1, d), positions, self.inv_freq),
+            apply_rope(q.reshape(b * s, n, h_q, d), positions, self.config.rope_theta),
+            apply_rope(k.reshape(b * s, n, -1, d), positions, self.config.rope_theta),
             v.reshape(b * s, n, -1, d),
         ).reshape(b, t, h_q, d)
         rule = self.config.memory_rule
-        sigma_q = group_queries(mem.feature_map(q, rule).view(b, s, n, h_q, d), k.shape[2])
-        retrieved, memory, norm = mem.scan(
-            sigma_q, by_kv_head(mem.feature_map(k, rule), s), by_kv_head(v, s),
+        sigma_q = group_queries(feature_map(q, rule).view(b, s, n, h_q, d), k.shape[2])
+        retrieved, memory, norm = scan(
+            sigma_q, by_kv_head(feature_map(k, rule), s), by_kv_head(v, s),
             state.memory, state.norm, rule, reset,
         )
         new_state = LayerState(memory, norm, state.keys, state.values)
@@ -156,15 +155,15 @@ class InfiniAttention(nn.Module):
         total, length = keys.shape[1], q.shape[1]
         positions = torch.arange(total, device=q.device)
         local = local_attention(
-            apply_rope(q, positions[total - length:], self.inv_freq),
-            apply_rope(keys, positions, self.inv_freq),
+            apply_rope(q, positions[total - length:], self.config.rope_theta),
+            apply_rope(keys, positions, self.config.rope_theta),
             values,
         )
         rule = self.config.memory_rule
-        sigma_q = group_queries(mem.feature_map(q, rule).unsqueeze(1), k.shape[2])
-        retrieved = mem.retrieve(sigma_q[:, 0], memory, norm, rule).unsqueeze(1)
+        sigma_q = group_queries(feature_map(q, rule).unsqueeze(1), k.shape[2])
+        retrieved = retrieve(sigma_q[:, 0], memory, norm, rule).unsqueeze(1)
         if total == self.config.segment_len:
-            memory, norm = mem.update(mem.feature_map(keys, rule).transpose(1, 2),
+            memory, norm = update(feature_map(keys, rule).transpose(1, 2),
                                       values.transpose(1, 2), memory, norm, rule)
             keys, values = keys[:, :0], values[:, :0]
         return (local, ungroup_queries(retrieved, length)), LayerState(memory, norm, keys, values)

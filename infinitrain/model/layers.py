@@ -34,8 +34,13 @@ def rope_frequencies(head_dim: int, theta: float, device: torch.device | None = 
                            / head_dim)
 
 
-def apply_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
-    """Rotate x [..., L, H, d] by ``positions`` [L] (Llama's rotate-half convention)."""
+def apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotate x [..., L, H, d] by ``positions`` [L] (Llama's rotate-half convention).
+
+    Frequencies are computed here, in float32, rather than kept in a buffer: a buffer would follow
+    the model to bf16 (rounding the angles) and stay empty on a model built on the meta device.
+    """
+    inv_freq = rope_frequencies(x.shape[-1], theta, x.device)
     angles = positions.float()[:, None] * inv_freq[None, :]
     cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[:, None, :]
     sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[:, None, :]

@@ -75,6 +75,16 @@ class InfiniTransformer(nn.Module):
         attention (the memory-disabled baseline). logits_to_keep: 0 for all positions, else the
         last n only (prefilling 1M tokens needs no 128K-vocabulary logits per token).
         """
+        hidden, state = self.hidden_states(input_ids, state, reset, use_memory)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden), state
+
+    def hidden_states(self, input_ids: Tensor, state: InfiniState | None = None,
+                      reset: Tensor | None = None,
+                      use_memory: bool = True) -> tuple[Tensor, InfiniState]:
+        """Final normalised hidden states [B, T, d_model]: ``forward`` without the output layer,
+        for losses that apply it to supervised positions only."""
         batch, length = input_ids.shape
         if state is None:
             state = self.empty_state(batch, input_ids.device)
@@ -94,8 +104,7 @@ class InfiniTransformer(nn.Module):
             else:
                 x, layer_state = block(x, layer_state, reset, use_memory)
             new_layers.append(layer_state)
-        hidden = self.norm(x if logits_to_keep == 0 else x[:, -logits_to_keep:])
-        return self.lm_head(hidden), InfiniState(new_layers)
+        return self.norm(x), InfiniState(new_layers)
 
     def memory_gates(self) -> Tensor:
         """sigmoid(β) per layer and query head: [n_layers, n_heads]; 1 = memory, 0 = local."""

@@ -13,8 +13,6 @@ runs without autograd and leaves the weights alone; it still counts as a step of
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -84,10 +82,9 @@ class StreamingLM(LightningModule):
             self.streams = state
             # A leaf: backward touches no parameter, so no strategy communicates or updates.
             return torch.zeros((), device=self.device, requires_grad=True)
-        with final_hidden_states(self.model) as head:
-            hidden, state = self.model(window.input_ids, self.streams, window.reset)
+        hidden, state = self.model.hidden_states(window.input_ids, self.streams, window.reset)
         self.streams = state.detach()  # the truncation point of truncated BPTT
-        loss_sum = supervised_loss_sum(hidden, window.labels, head)
+        loss_sum = supervised_loss_sum(hidden, window.labels, self.model.lm_head)
         # Mean over every supervised token of every rank once DDP averages the gradients.
         loss = loss_sum * (self.trainer.world_size / targets)
         self._update_pending = True
@@ -106,21 +103,6 @@ class StreamingLM(LightningModule):
         """Supervised tokens of this window summed over ranks (the same number on every rank)."""
         local = (window.labels != IGNORE_INDEX).sum()
         return int(self.trainer.strategy.reduce(local, reduce_op="sum"))
-
-
-@contextlib.contextmanager
-def final_hidden_states(model: InfiniTransformer) -> Iterator[nn.Module]:
-    """Make ``model`` return its final hidden states instead of logits; yields the output layer.
-
-    The loss then runs the output layer itself on supervised positions only, in chunks, instead of
-    materialising logits for every position of a long window.
-    """
-    head = model.lm_head
-    model.lm_head = nn.Identity()
-    try:
-        yield head
-    finally:
-        model.lm_head = head
 
 
 def supervised_loss_sum(hidden: Tensor, labels: Tensor, head: nn.Module) -> Tensor:
