@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..export.hf import load_exported
 from ..model import InfiniTransformer
 from ..model_dir import CONFIG_FILE, ModelDirError, load_model_dir, tokenizer_path
 
@@ -39,7 +40,7 @@ def load_infinitrain_dir(path: Path, device: torch.device,
     return LoadedModel(load_model_dir(path, device, dtype), path, tokenizer_path(path))
 
 
-LOADERS: list[Loader] = [load_infinitrain_dir]
+LOADERS: list[Loader] = [load_infinitrain_dir, load_exported]
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -65,5 +66,5 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
         if loaded is not None:
             return loaded
     raise ModelDirError(f"{path}: not a model: expected a checkpoint directory with "
-                        f"{CONFIG_FILE} (e.g. runs/tiny/step-00000100) or a run directory with a "
-                        f"'{LATEST_POINTER}' file")
+                        f"{CONFIG_FILE} (e.g. runs/tiny/step-00000100), a run directory with a "
+                        f"'{LATEST_POINTER}' file, or an `infinitrain export hf` directory")

@@ -1,0 +1,115 @@
+"""`infinitrain export hf` and `infinitrain import hf`: Hugging Face interop.
+
+Bad input (not a checkpoint, not a Llama, a tokenizer that does not fit) ends in one ``Error:``
+line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..model.config import MEMORY_RULES, ModelConfig
+from .model_info import human_bytes
+
+export_app = typer.Typer(name="export", no_args_is_help=True,
+                         help="Export a checkpoint to another format.")
+import_app = typer.Typer(name="import", no_args_is_help=True,
+                         help="Import weights from another format.")
+stdout = Console()
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+    """Turn the library's input errors (ValueError and OSError subclasses) into one line."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {error}",
+                                                   highlight=False)
+        raise typer.Exit(2) from None
+
+
+@export_app.command("hf")
+def export_hf(
+    checkpoint: Annotated[Path, typer.Argument(
+        help="Training checkpoint (step-XXXXXXXX/), a run's out_dir (its 'latest' checkpoint) or "
+             "a model directory.", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="New directory to write.", show_default=False)],
+    dtype: Annotated[str, typer.Option(help="Precision of the stored weights: fp32 or bf16.")]
+        = "fp32",
+    max_shard_size: Annotated[str, typer.Option(
+        help="Largest safetensors file; bigger models are split into shards.")] = "5GB",
+) -> None:
+    """Write a Hugging Face model directory: AutoModelForCausalLM.from_pretrained(OUT_DIR,
+    trust_remote_code=True) loads it, generate() carries the memory."""
+    from ..export import export_hf as export
+    from ..inference.loading import resolve_model_path
+
+    with reported():
+        model_dir = resolve_model_path(checkpoint)
+        with stdout.status(f"exporting {model_dir}"):
+            out = export(model_dir, out_dir, dtype, max_shard_size)
+    table = Table(title=f"Exported {model_dir} to {out}")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for file in sorted(out.iterdir()):
+        table.add_row(file.name, human_bytes(file.stat().st_size))
+    stdout.print(table)
+    stdout.print(f"Load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+                 "trust_remote_code=True); README.md has the details.", highlight=False)
+
+
+@import_app.command("hf")
+def import_hf(
+    llama_dir: Annotated[Path, typer.Argument(
+        help="Hugging Face Llama checkpoint directory: config.json, model.safetensors (or its "
+             "shards), tokenizer.json.", show_default=False)],
+    out_ckpt: Annotated[Path, typer.Argument(
+        help="New model directory to write; a recipe's model.init starts from it.",
+        show_default=False)],
+    segment_len: Annotated[int, typer.Option(min=1, help="N: tokens per segment.")]
+        = ModelConfig.segment_len,
+    rule: Annotated[str, typer.Option(help=f"Memory rule: {', '.join(MEMORY_RULES)}.")]
+        = ModelConfig.memory_rule,
+    gate_init: Annotated[float, typer.Option(
+        help="Initial β of every head: sigmoid(-6) ≈ 0.0025 keeps the Llama's local attention "
+             "while the gate can still learn.")] = -6.0,
+    allow_rope_scaling_drop: Annotated[bool, typer.Option(
+        "--allow-rope-scaling-drop", help="Import a checkpoint with RoPE scaling (e.g. "
+        "Llama-3.1/3.2's 'llama3') using unscaled frequencies.")] = False,
+) -> None:
+    """Convert a Llama checkpoint into an Infini-Transformer for continual pretraining."""
+    import yaml
+
+    from ..export import import_llama
+    from ..export.llama import recipe_model_section
+
+    with reported(), stdout.status(f"importing {llama_dir}"):
+        result = import_llama(llama_dir, out_ckpt, segment_len=segment_len, memory_rule=rule,
+                              gate_init=gate_init,
+                              allow_rope_scaling_drop=allow_rope_scaling_drop)
+    config = result.config
+    stdout.print(f"[bold]{result.path}[/]: {config.n_layers} layers, d {config.d_model}, "
+                 f"{config.n_heads} query / {config.n_kv_heads} key-value heads × "
+                 f"{config.head_dim}, vocabulary {config.vocab_size}, segment "
+                 f"{config.segment_len}, {config.memory_rule} memory, gates at "
+                 f"sigmoid({config.gate_init:g})",
+                 highlight=False)
+    for note in result.notes:
+        stdout.print(f"[yellow]Note:[/] {note}", highlight=False)
+    section = yaml.safe_dump({"model": recipe_model_section(config, result.path)},
+                             sort_keys=False)
+    stdout.print(f"A recipe continues from it with:\n{section}", highlight=False, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's command groups to the root app."""
+    app.add_typer(export_app)
+    app.add_typer(import_app)

@@ -1,0 +1,162 @@
+"""`infinitrain import hf`: a Llama checkpoint becomes an Infini-Transformer that computes the
+Llama's logits within a segment when the memory path is off, that a recipe's model.init starts
+from, and checkpoints we cannot convert faithfully are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from infinitrain.cli import app
+from infinitrain.export.llama import recipe_model_section
+from infinitrain.model import InfiniTransformer, preset
+from infinitrain.model_dir import load_model_config, load_model_dir
+
+REPO = Path(__file__).resolve().parent.parent
+SEGMENT = 32
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_llama(directory: Path, tie: bool):
+    """A tiny random Llama with GQA, a non-default head width, RoPE base and norm epsilon, and
+    norm weights that are not all ones (so a mapping that mixed up or ignored any of them would
+    show), saved with the bundled tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                         max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 1:  # the RMSNorm weights
+                parameter.normal_(1.0, 0.2)
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(REPO / "data" / "tokenizer" / name, directory / name)
+    return model
+
+
+def import_hf(*args: str):
+    return CliRunner().invoke(app, ["import", "hf", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
+    return directory, save_llama(directory, tie=True)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_imported_model_equals_the_llama_within_a_segment(tmp_path, tie):
+    llama_model = save_llama(tmp_path / "llama", tie)
+    result = import_hf(tmp_path / "llama", tmp_path / "infini", "--segment-len", SEGMENT)
+    assert result.exit_code == 0, result.output
+    model = load_model_dir(tmp_path / "infini")
+    assert model.config.tie_embeddings == tie
+    for length in (SEGMENT, 13):
+        ids = torch.randint(0, 4096, (2, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            expected = llama_model(ids).logits
+            without_memory, _ = model(ids, use_memory=False)
+            with_memory, _ = model(ids)
+        assert torch.allclose(without_memory, expected, atol=1e-4, rtol=0)
+        # Memory on: the first segment reads an empty memory, so only the 1 − sigmoid(−6)
+        # weight on local attention separates the two.
+        assert 0 < (with_memory - expected).abs().max() < 0.05 * expected.abs().max()
+    assert torch.allclose(model.memory_gates(), torch.full((2, 4), 1 / (1 + math.exp(6))))
+
+
+def test_import_settings_and_tokenizer_are_kept(llama, tmp_path):
+    directory, _ = llama
+    result = import_hf(directory, tmp_path / "out", "--segment-len", 16, "--rule", "linear",
+                       "--gate-init", -4)
+    assert result.exit_code == 0, result.output
+    config = load_model_config(tmp_path / "out")
+    assert (config.segment_len, config.memory_rule, config.gate_init) == (16, "linear", -4.0)
+    assert (config.rope_theta, config.norm_eps, config.head_dim) == (10_000.0, 1e-6, 8)
+    for name in TOKENIZER_FILES:
+        assert (tmp_path / "out" / "tokenizer" / name).read_bytes() == \
+            (directory / name).read_bytes()
+
+
+def test_a_recipe_can_start_from_the_import(llama, tmp_path):
+    """The printed model section rebuilds the imported config, which training's init accepts."""
+    from infinitrain.training.weights import check_init, load_initial_weights
+
+    directory, _ = llama
+    assert import_hf(directory, tmp_path / "out", "--segment-len", SEGMENT).exit_code == 0
+    imported = load_model_config(tmp_path / "out")
+    section = recipe_model_section(imported, tmp_path / "out")
+    name, init = section.pop("preset"), Path(section.pop("init"))
+    config = preset(name, **section)
+    assert config == imported
+    model = InfiniTransformer(config)
+    load_initial_weights(model, check_init(init, config), is_global_zero=True)
+    ids = torch.randint(0, 4096, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], load_model_dir(init)(ids)[0])
+
+
+def edited_copy(source: Path, target: Path, **changes) -> Path:
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(changes)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def one_line_error(result, expected: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and expected in lines[0], lines
+
+
+def test_rope_scaling_is_refused_unless_dropping_it_is_allowed(llama, tmp_path):
+    directory, _ = llama
+    scaled = edited_copy(directory, tmp_path / "scaled", rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500_000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    one_line_error(import_hf(scaled, tmp_path / "a"), "'rope_type': 'llama3'")
+    assert not (tmp_path / "a").exists()
+    result = import_hf(scaled, tmp_path / "b", "--allow-rope-scaling-drop")
+    assert result.exit_code == 0, result.output
+    assert "dropped RoPE scaling" in result.output
+    assert load_model_config(tmp_path / "b").rope_theta == 500_000.0
+
+
+def test_malformed_inputs_fail_in_one_line(llama, tmp_path):
+    directory, _ = llama
+    one_line_error(import_hf(tmp_path / "missing", tmp_path / "o1"), "no such directory")
+    (tmp_path / "bare").mkdir()
+    one_line_error(import_hf(tmp_path / "bare", tmp_path / "o2"), "no config.json")
+    mistral = edited_copy(directory, tmp_path / "mistral", model_type="mistral",
+                          architectures=["MistralForCausalLM"])
+    one_line_error(import_hf(mistral, tmp_path / "o3"), "only Llama checkpoints")
+    small = edited_copy(directory, tmp_path / "small", vocab_size=300)
+    one_line_error(import_hf(small, tmp_path / "o4"), "model's vocabulary has 300")
+    no_tokenizer = edited_copy(directory, tmp_path / "no-tokenizer")
+    (no_tokenizer / "tokenizer.json").unlink()
+    one_line_error(import_hf(no_tokenizer, tmp_path / "o5"), "no tokenizer.json")
+    deeper = edited_copy(directory, tmp_path / "deeper", num_hidden_layers=3)
+    one_line_error(import_hf(deeper, tmp_path / "o6"), "weight(s) missing")
+    one_line_error(import_hf(directory, tmp_path / "o7", "--rule", "hebbian"), "memory_rule")
+    for out in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"):
+        assert not (tmp_path / out).exists()
