@@ -96,6 +96,17 @@ def test_passkey_source_yields_prompts_of_the_configured_length(data_tokenizer):
         assert 10 <= int(data_tokenizer.decode(answer)) <= 20
 
 
+def test_passkey_lengths_can_vary_within_a_range(data_tokenizer):
+    config = SourceConfig(kind="passkey", passkey_length_min=300, passkey_length=363)
+    source = build_source(config, data_tokenizer)
+    docs = list(itertools.islice(source.epoch(rank=0, world_size=1, epoch=0, seed=0), 40))
+    lengths = {len(doc) - doc.num_targets - 1 for doc in docs}
+    assert min(lengths) >= 300 and max(lengths) <= 363
+    assert len(lengths) > 20  # spread over the range, so answers land at every segment offset
+    with pytest.raises(ValueError, match="passkey_length_min = 400"):
+        SourceConfig(kind="passkey", passkey_length_min=400, passkey_length=363)
+
+
 def test_too_short_length_is_refused(data_tokenizer):
     with pytest.raises(ValueError, match="passkey length = 40 tokens: too short"):
         PasskeyGenerator(data_tokenizer).sample(40, 0.5, seed=0)

@@ -15,8 +15,9 @@ def build_source(config: SourceConfig, tokenizer: Tokenizer) -> DocumentSource:
     """The source a config describes; loads (or opens for streaming) its dataset now."""
     if config.kind == "passkey":
         generator = PasskeyGenerator(tokenizer, config.key_min, config.key_max)
-        return PasskeySource(generator, config.passkey_length, config.depth_min,
-                             config.depth_max, config.label, config.weight)
+        lengths = (config.passkey_length_min or config.passkey_length, config.passkey_length)
+        return PasskeySource(generator, lengths, config.depth_min, config.depth_max,
+                             config.label, config.weight)
     if config.kind == "booksum":
         return booksum_source(config, tokenizer)
     return text_source(config, tokenizer)

@@ -94,14 +94,16 @@ class PasskeyGenerator:
 
 
 class PasskeySource(DocumentSource):
-    """Endless passkey fine-tuning documents with depths uniform in [depth_min, depth_max]."""
+    """Endless passkey fine-tuning documents: lengths uniform in ``lengths`` (inclusive), depths
+    uniform in [depth_min, depth_max]."""
 
-    def __init__(self, generator: PasskeyGenerator, length: int, depth_min: float,
+    def __init__(self, generator: PasskeyGenerator, lengths: tuple[int, int], depth_min: float,
                  depth_max: float, label: str, weight: float) -> None:
         super().__init__(label, weight)
         self.generator = generator
-        self.length, self.depth_min, self.depth_max = length, depth_min, depth_max
-        generator.sample(length, depth_min, seed=0)  # fail now if the length cannot hold a prompt
+        self.lengths = lengths
+        self.depth_min, self.depth_max = depth_min, depth_max
+        generator.sample(lengths[0], depth_min, seed=0)  # fail now if a length cannot hold a prompt
 
     def epoch(self, rank: int, world_size: int, epoch: int, seed: int,
               start: int = 0) -> Iterator[Document | Skipped]:
@@ -109,6 +111,7 @@ class PasskeySource(DocumentSource):
         while True:  # synthetic: an epoch never ends, every position is a fresh sample
             rng = np.random.default_rng([seed, world_size, rank, epoch, position])
             depth = float(rng.uniform(self.depth_min, self.depth_max))
-            sample = self.generator.sample(self.length, depth, seed=int(rng.integers(2**62)))
+            length = int(rng.integers(self.lengths[0], self.lengths[1] + 1))
+            sample = self.generator.sample(length, depth, seed=int(rng.integers(2**62)))
             yield sample.to_document(self.generator.tokenizer.eos_id)
             position += 1

@@ -71,6 +71,11 @@ class SourceConfig:
     its 'middle' (the first and last halves of the budget are kept)."""
     passkey_length: int = 4096
     """passkey only: prompt length in tokens (the paper fine-tunes on 5K)."""
+    passkey_length_min: int | None = None
+    """passkey only: when set, each prompt's length is drawn uniformly from [passkey_length_min,
+    passkey_length], so the question and answer land at every offset within a segment (an
+    evaluation prompt of a power-of-two length ends exactly on a segment boundary, leaving the
+    answer to a fresh segment that reaches the question through memory only)."""
     depth_min: float = 0.0
     """passkey only: smallest needle depth (0 = right after the task description)."""
     depth_max: float = 1.0
@@ -90,6 +95,11 @@ class SourceConfig:
             if not 0.0 <= self.depth_min <= self.depth_max <= 1.0:
                 raise DataSourceError(f"depth_min = {self.depth_min}, depth_max = "
                                       f"{self.depth_max}: need 0 <= depth_min <= depth_max <= 1")
+            if self.passkey_length_min is not None and not (
+                    0 < self.passkey_length_min <= self.passkey_length):
+                raise DataSourceError(f"passkey_length_min = {self.passkey_length_min}: need "
+                                      f"0 < passkey_length_min <= passkey_length = "
+                                      f"{self.passkey_length}")
             if not 0 <= self.key_min <= self.key_max:
                 raise DataSourceError(f"key_min = {self.key_min}, key_max = {self.key_max}: "
                                       "need 0 <= key_min <= key_max")
@@ -98,7 +108,8 @@ class SourceConfig:
                                   f"or files (local data); got name = {self.name!r}, "
                                   f"files = {self.files!r}")
         only = {"booksum": ("summary_field", "max_input_tokens", "truncate"),
-                "passkey": ("passkey_length", "depth_min", "depth_max", "key_min", "key_max")}
+                "passkey": ("passkey_length", "passkey_length_min", "depth_min", "depth_max",
+                            "key_min", "key_max")}
         for kind, names in only.items():
             for name in names:
                 if self.kind != kind and getattr(self, name) != defaults[name].default:
@@ -122,7 +133,8 @@ class SourceConfig:
     def label(self) -> str:
         """How messages name this source."""
         if self.kind == "passkey":
-            return f"passkey ({self.passkey_length} tokens)"
+            lengths = (f"{self.passkey_length_min}–" if self.passkey_length_min else "")
+            return f"passkey ({lengths}{self.passkey_length} tokens)"
         if self.name:
             return self.name + (f" ({self.config})" if self.config else "") + f" [{self.split}]"
         return ", ".join(self.files)
