@@ -77,3 +77,14 @@ def data_split_documents() -> Callable[..., list[Stream]]:
             streams.append(docs)
         return streams
     return split
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread; two spin-wait badly on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

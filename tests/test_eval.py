@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
-from test_inference import one_thread, random_model  # noqa: F401 - one_thread is autouse
+from test_inference import random_model
 from typer.testing import CliRunner
 
 from infinitrain.cli import app
@@ -32,6 +32,8 @@ from infinitrain.evaluation.perplexity import document_loss
 from infinitrain.evaluation.rouge import rouge
 from infinitrain.inference import Generation
 from infinitrain.model_dir import save_model_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TOKENIZER = DATA / "tokenizer"

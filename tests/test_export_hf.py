@@ -27,12 +27,7 @@ RECIPE = "description: export test\nmodel:\n  preset: tiny\n  segment_len: 8\n"
 TEXT = "It is a truth universally acknowledged, that a single man in possession of 42 pounds"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_run(run: Path, tie: bool = True, vocab_size: int = 4096) -> Path:

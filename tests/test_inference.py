@@ -23,13 +23,7 @@ from infinitrain.model_dir import ModelDirError, save_model_dir
 SEGMENT = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread; two spin-wait badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(vocab_size: int = 101, rule: str = "delta", seed: int = 0,
