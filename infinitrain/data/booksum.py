@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -21,13 +21,15 @@ from .sources import (
     DatasetSource,
     DataSourceError,
     Row,
-    Rows,
     Skipped,
     SourceConfig,
     check_columns,
     column_value,
     load_rows,
 )
+
+if TYPE_CHECKING:
+    from .sources import Rows
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
 import numpy as np
-from datasets.distributed import split_dataset_by_node
 
 from .documents import Document
 from .tokenizer import Tokenizer
@@ -148,7 +146,10 @@ class Skipped:
 
 
 Row = dict[str, Any]
-Rows = datasets.Dataset | datasets.IterableDataset
+if TYPE_CHECKING:  # `datasets` is imported where rows are read: inference never needs it
+    import datasets
+
+    Rows = datasets.Dataset | datasets.IterableDataset
 
 
 def _builder(path: str) -> str:
@@ -183,6 +184,8 @@ def expand_files(patterns: list[str]) -> list[str]:
 
 def load_rows(config: SourceConfig) -> Rows:
     """The rows of a hub dataset or of local files, through `datasets` (streamed if configured)."""
+    import datasets
+
     if config.files:
         files = expand_files(config.files)
         builders = {_builder(f) for f in files}
@@ -259,6 +262,9 @@ class DatasetSource(DocumentSource):
 
     def epoch(self, rank: int, world_size: int, epoch: int, seed: int,
               start: int = 0) -> Iterator[Document | Skipped]:
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
         if isinstance(self.rows, datasets.IterableDataset):
             rows = split_dataset_by_node(self.rows, rank=rank, world_size=world_size)
             # Same order on every rank: with fewer shards than ranks, each rank keeps every
