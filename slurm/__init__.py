@@ -1,0 +1,2 @@
+"""sbatch templates for `infinitrain submit`: this directory is installed as the package
+``infinitrain.slurm_templates``."""
