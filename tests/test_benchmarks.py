@@ -1,0 +1,104 @@
+"""benchmarks/gpu.py on the CPU: its FLOP count by hand and by torch's counter, and a smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+from unittest import mock
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from infinitrain.model import InfiniTransformer, preset
+from infinitrain.model import attention as attention_module
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def gpu() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("benchmarks_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# tiny: d 128, 2 layers, 4 query / 2 kv heads of 32, FFN 384, vocabulary 4096 (tied), N = 64.
+DENSE = 2 * (2 * (128 * 128 + 128 * 64 + 128 * 64 + 128 * 128 + 3 * 128 * 384) + 128 * 4096)
+ATTENTION = 2 * (4 * 32 * 65 + 4 * 32 * 65)  # per layer: QKᵀ + AV, 65/2 keys per query on average
+RETRIEVE = 4 * (2 * 32 * 32 + 2 * 32)  # σ(Q)M and σ(Q)z per query head
+WRITE = 2 * (2 * 32 * 32 + 32)  # σ(K)ᵀV and Σσ(K) per kv head
+MEMORY = {
+    "linear": 2 * (RETRIEVE + WRITE),
+    "delta": 2 * (RETRIEVE + WRITE + 2 * (2 * 32 * 32 + 2 * 32)),  # + σ(K)M, σ(K)z
+    # no σ(Q)z; + σ(K)M_0, σ(K)σ(K)ᵀ (64 keys) and the triangular solve (63 rows above, 32 cols)
+    "deltanet": 2 * (4 * 2 * 32 * 32 + WRITE + 2 * (2 * 32 * 32 + 2 * 64 * 32 + 63 * 32)),
+}
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta", "deltanet"])
+def test_flops_per_token_matches_a_hand_count(gpu: ModuleType, rule: str) -> None:
+    config = preset("tiny", memory_rule=rule)
+    assert gpu.forward_flops_per_token(config) == {
+        "dense": DENSE, "attention": ATTENTION, "memory": MEMORY[rule]}
+    assert gpu.flops_per_token(config) == 3 * (DENSE + ATTENTION + MEMORY[rule])
+    assert gpu.flops_per_token(config, memory=False) == 3 * (DENSE + ATTENTION)
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta", "deltanet"])
+def test_dense_and_memory_flops_match_torch_flop_counter(gpu: ModuleType, rule: str) -> None:
+    """The model's own matmuls, counted by torch, against the formula (local attention stubbed
+    out, its count checked by hand above). torch counts neither the Σσ(K) sums nor the
+    triangular solve, so those come off."""
+    config = preset("tiny", memory_rule=rule)
+    model = InfiniTransformer(config)
+    tokens = 3 * config.segment_len
+    with (mock.patch.object(attention_module, "local_attention", lambda q, k, v: q),
+          FlopCounterMode(display=False) as counter, torch.no_grad()):
+        model(torch.randint(0, config.vocab_size, (1, tokens)))
+    per_token = gpu.forward_flops_per_token(config)
+    uncounted = config.n_layers * config.n_kv_heads * config.head_dim * (
+        1 + (config.segment_len - 1 if rule == "deltanet" else 0))
+    assert counter.get_total_flops() == tokens * (
+        per_token["dense"] + per_token["memory"] - uncounted)
+
+
+def test_peak_table_prefers_the_specific_name(gpu: ModuleType) -> None:
+    assert gpu.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.5
+    assert gpu.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.5
+    assert gpu.peak_bf16_tflops("NVIDIA H200") == 989.5
+    assert gpu.peak_bf16_tflops("NVIDIA H200 NVL") == 835.5
+    assert gpu.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_cpu_smoke_run_writes_the_results_json(gpu: ModuleType, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The script's command line in this process (a subprocess would double the run time, most
+    of it importing torch again)."""
+    out = tmp_path / "gpu.json"
+    code = gpu.main(["--preset", "tiny", "--device", "cpu", "--segments", "1", "--steps", "1",
+                     "--warmup", "0", "--prefill-tokens", "256", "512", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "Infini overhead" in printed.out
+    results = json.loads(out.read_text())
+    assert set(results) == {"args", "device", "model", "training", "prefill", "attention",
+                            "memory_precision"}
+    assert results["model"]["flops_per_token"] == gpu.flops_per_token(preset("tiny"))
+    training = results["training"]
+    assert training["tokens_per_step"] == 64
+    for variant in ("infini", "use_memory_false", "local_only"):
+        assert training[variant]["tokens_per_s"] > 0
+        assert training[variant]["mfu"] is None  # no datasheet peak for a CPU
+    assert training["overhead_vs_local_only"] > 0
+    assert results["prefill"]["long"]["tokens"] == 512
+    assert results["attention"]["sdpa_ops"]  # the SDPA kernel that ran, by name
+    assert results["attention"]["flash_attn"] is None
+    precision = results["memory_precision"]
+    assert set(precision) == {"linear", "delta", "deltanet"}
+    assert all(error < 1e-5 for rule in precision.values() for error in rule["fp32"].values())
+    assert 1e-4 < precision["delta"]["bf16"]["retrieve"] < 5e-2
