@@ -239,3 +239,29 @@ def test_sigusr1_saves_a_checkpoint_and_stops_cleanly(tmp_path):
     newest = (run / "latest").read_text().strip()
     stopped_at = int(newest.removeprefix("step-"))
     assert 2 < stopped_at < 300 and f"stopped at step {stopped_at}" in output, output
+
+
+def catches_sigusr1(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGUSR1 handler installed (Linux: SigCgt in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGUSR1 - 1) & 1)
+    return False
+
+
+def test_sigusr1_during_start_up_is_kept_for_the_first_step(tmp_path):
+    """SLURM may signal while torch and Lightning are still importing: no death, a checkpoint."""
+    run = tmp_path / "early"
+    process = subprocess.Popen(
+        [str(INFINITRAIN), "pretrain", "--recipe", "tiny", "--out-dir", str(run),
+         "--max-steps", "300", *sets(SMALL)],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not catches_sigusr1(process.pid):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGUSR1)  # long before training starts
+    output = process.communicate(timeout=180)[0].decode()
+    assert process.returncode == 0, output
+    assert (run / "latest").read_text().strip() == "step-00000001"
+    assert "stopped at step 1" in output, output

@@ -12,7 +12,6 @@ the next step and a clean stop; under SLURM the job is then requeued, and its sc
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from .. import preemption
 from ..data import Tokenizer
 from ..model import InfiniTransformer
 from ..model_dir import TOKENIZER_DIR, save_model_dir
@@ -50,23 +50,15 @@ class CheckpointWriter(Callback):
         self.tokenizer = tokenizer
         self.kind = kind
         self.saved_step = self.seen_step = -1
-        self.stop_requested = False
-        self._previous_handler = None
 
     def on_train_start(self, trainer: Trainer, module: StreamingLM) -> None:
         self.saved_step = self.seen_step = trainer.global_step  # a resumed run has this one
-        self._previous_handler = signal.signal(signal.SIGUSR1, self._request_stop)
-
-    def on_train_end(self, trainer: Trainer, module: StreamingLM) -> None:
-        signal.signal(signal.SIGUSR1, self._previous_handler or signal.SIG_DFL)
-
-    def _request_stop(self, signum: int, frame) -> None:
-        self.stop_requested = True
+        preemption.install()  # where training runs without the CLI; keeps any earlier request
 
     def on_train_batch_end(self, trainer: Trainer, module: StreamingLM, outputs, batch,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        stop = trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False)
+        stop = trainer.strategy.reduce_boolean_decision(preemption.requested(), all=False)
         if step == self.seen_step:  # mid-accumulation: only a completed step can be resumed
             return
         self.seen_step = step
@@ -74,6 +66,7 @@ class CheckpointWriter(Callback):
         if (due or stop) and step != self.saved_step:
             self.save(trainer, module)
         if stop:
+            preemption.clear()
             trainer.should_stop = True
             if trainer.is_global_zero:
                 rank_zero_info(f"SIGUSR1: stopped at step {step} with a checkpoint")
