@@ -249,8 +249,27 @@ def catches_sigusr1(pid: int) -> bool:
     return False
 
 
-def test_sigusr1_during_start_up_is_kept_for_the_first_step(tmp_path):
-    """SLURM may signal while torch and Lightning are still importing: no death, a checkpoint."""
+def test_sigusr1_is_caught_before_torch_is_imported():
+    """SLURM may signal while torch and Lightning are still importing (seconds): the CLI must
+    catch SIGUSR1 before those imports, or Python's default action kills the job."""
+    probe = (
+        "import signal, sys\n"
+        "seen = {}\n"
+        "class Watch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' and 'handler' not in seen:\n"
+        "            seen['handler'] = signal.getsignal(signal.SIGUSR1)\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        "import infinitrain.cli\n"
+        "print(seen['handler'] not in (signal.SIG_DFL, None))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env=subprocess_env(), check=True)
+    assert result.stdout.strip() == "True"
+
+
+def test_sigusr1_before_the_first_step_checkpoints_it(tmp_path):
+    """A signal that arrives before training starts is kept: a checkpoint at step 1, exit 0."""
     run = tmp_path / "early"
     process = subprocess.Popen(
         [str(INFINITRAIN), "pretrain", "--recipe", "tiny", "--out-dir", str(run),
