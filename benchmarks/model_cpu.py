@@ -63,7 +63,8 @@ def throughput(model: InfiniTransformer, batch: int, segments: int, repeats: int
 def stream_peak_rss(preset_name: str, tokens: int, window_segments: int) -> int:
     """Run in a child process: stream ``tokens`` through the model, return peak RSS in KiB."""
     code = (
-        "import resource, torch\n"
+        "import torch\n"
+        "from infinitrain.evaluation.resources import process_peak_rss_bytes\n"
         "from infinitrain.model import InfiniTransformer, preset\n"
         f"model = InfiniTransformer(preset({preset_name!r})).eval()\n"
         "n = model.config.segment_len\n"
@@ -73,7 +74,7 @@ def stream_peak_rss(preset_name: str, tokens: int, window_segments: int) -> int:
         f"    for _ in range({tokens} // window):\n"
         "        ids = torch.randint(0, model.config.vocab_size, (1, window))\n"
         "        _, state = model(ids, state, logits_to_keep=1)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(process_peak_rss_bytes() // 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])

@@ -29,6 +29,7 @@ from infinitrain.evaluation.options import (
 )
 from infinitrain.evaluation.passkey import PasskeySettings, evaluate_passkey, first_integer
 from infinitrain.evaluation.perplexity import document_loss
+from infinitrain.evaluation.resources import process_peak_rss_bytes
 from infinitrain.evaluation.rouge import rouge
 from infinitrain.inference import Generation
 from infinitrain.model_dir import save_model_dir
@@ -191,6 +192,17 @@ def peak_rss_of_passkey_run(model_dir: Path, length: str, window_segments: int) 
     (stats,) = json.loads(out.read_text())["results"]["lengths"].values()
     assert stats["memory_kind"] == "process RSS"
     return stats["peak_memory_bytes"]
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents():
+    """Linux keeps ru_maxrss across exec: a small child of a large parent would look large."""
+    ballast = bytearray(600 * 2**20)  # this process now holds 600 MiB more
+    code = ("from infinitrain.evaluation.resources import process_peak_rss_bytes\n"
+            "print(process_peak_rss_bytes())")
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout)
+    assert child < len(ballast), child
+    assert process_peak_rss_bytes() > len(ballast)
 
 
 @pytest.mark.slow
