@@ -71,13 +71,14 @@ def test_key_range_is_configurable(data_tokenizer):
         assert len(sample.answer_ids) == 6  # ' ' + one token per digit
 
 
-def test_fine_tuning_documents_supervise_only_the_answer(data_tokenizer):
+def test_fine_tuning_documents_supervise_only_the_answer_and_its_end(data_tokenizer):
     tok = data_tokenizer
     sample = PasskeyGenerator(tok).sample(300, 0.2, seed=1)
     document = sample.to_document(tok.eos_id)
     labels = document.labels()
     supervised = labels[labels != IGNORE_INDEX].tolist()
-    assert supervised == sample.answer_ids and document.num_targets == len(sample.answer_ids)
+    assert supervised == [*sample.answer_ids, tok.eos_id]
+    assert document.num_targets == len(sample.answer_ids) + 1
     # the label of the prompt's last token is the answer's first token
     assert labels[len(sample.prompt_ids) - 1] == sample.answer_ids[0]
     assert document.ids[-1] == tok.eos_id
@@ -91,8 +92,8 @@ def test_passkey_source_yields_prompts_of_the_configured_length(data_tokenizer):
     again = list(itertools.islice(source.epoch(rank=0, world_size=1, epoch=0, seed=0, start=3), 2))
     assert torch.equal(docs[3].ids, again[0].ids)
     for doc in docs:
-        answer = doc.ids[doc.target].tolist()
-        assert len(doc) == 700 + len(answer) + 1
+        answer = doc.ids[doc.target].tolist()  # the key's tokens and EOS
+        assert len(doc) == 700 + len(answer) and answer[-1] == data_tokenizer.eos_id
         assert 10 <= int(data_tokenizer.decode(answer)) <= 20
 
 
@@ -100,7 +101,7 @@ def test_passkey_lengths_can_vary_within_a_range(data_tokenizer):
     config = SourceConfig(kind="passkey", passkey_length_min=300, passkey_length=363)
     source = build_source(config, data_tokenizer)
     docs = list(itertools.islice(source.epoch(rank=0, world_size=1, epoch=0, seed=0), 40))
-    lengths = {len(doc) - doc.num_targets - 1 for doc in docs}
+    lengths = {len(doc) - doc.num_targets for doc in docs}
     assert min(lengths) >= 300 and max(lengths) <= 363
     assert len(lengths) > 20  # spread over the range, so answers land at every segment offset
     with pytest.raises(ValueError, match="passkey_length_min = 400"):

@@ -45,9 +45,11 @@ class PasskeySample:
     """Tokens in the needle sentence."""
 
     def to_document(self, eos_id: int) -> Document:
-        """A fine-tuning example: the prompt is read, only the answer tokens are supervised."""
+        """A fine-tuning example: the prompt is read; the answer and the EOS that ends it are
+        supervised (a model that never learnt to stop runs on into more digits, and the first
+        integer of its output is then wrong however well it retrieved)."""
         return Document.from_parts([(self.prompt_ids, False), (self.answer_ids, True),
-                                    ([eos_id], False)])
+                                    ([eos_id], True)])
 
 
 class PasskeyGenerator:
