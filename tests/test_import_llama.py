@@ -26,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def save_llama(directory: Path, tie: bool):
+def save_llama(directory: Path, tie: bool, rope_parameters: dict | None = None):
     """A tiny random Llama with GQA, a non-default head width, RoPE base and norm epsilon, and
     norm weights that are not all ones (so a mapping that mixed up or ignored any of them would
     show), saved with the bundled tokenizer."""
@@ -35,8 +35,9 @@ def save_llama(directory: Path, tie: bool):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
-                         max_position_embeddings=64)
+                         rms_norm_eps=1e-6, tie_word_embeddings=tie, max_position_embeddings=64,
+                         rope_parameters=rope_parameters or {"rope_type": "default",
+                                                             "rope_theta": 10_000.0})
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -124,12 +125,36 @@ def one_line_error(result, expected: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("Error:") and expected in lines[0], lines
 
 
-def test_rope_scaling_is_refused_unless_dropping_it_is_allowed(llama, tmp_path):
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+"""Llama-3.1's scaling, with a context small enough that this model's head width (8: wavelengths
+6.3, 63, 628, 6283) has a kept, a blended and two scaled frequencies."""
+
+
+def test_llama3_rope_scaling_is_imported_exactly(tmp_path):
+    llama_model = save_llama(tmp_path / "llama", tie=True, rope_parameters=LLAMA3_ROPE)
+    result = import_hf(tmp_path / "llama", tmp_path / "infini", "--segment-len", SEGMENT)
+    assert result.exit_code == 0, result.output
+    model = load_model_dir(tmp_path / "infini")
+    assert model.config.rope_scale_factor == 8.0 and model.config.rope_original_context == 64
+    ids = torch.randint(0, 4096, (2, SEGMENT), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = llama_model(ids).logits
+        ours, _ = model(ids, use_memory=False)
+        unscaled = InfiniTransformer(model.config.with_updates(rope_scale_factor=1.0)).eval()
+        unscaled.load_state_dict(model.state_dict())
+        plain, _ = unscaled(ids, use_memory=False)
+    assert torch.allclose(ours, expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the scaling matters here
+
+
+def test_other_rope_scaling_is_refused_unless_dropping_it_is_allowed(llama, tmp_path):
     directory, _ = llama
     scaled = edited_copy(directory, tmp_path / "scaled", rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500_000.0, "factor": 32.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    one_line_error(import_hf(scaled, tmp_path / "a"), "'rope_type': 'llama3'")
+        "rope_type": "yarn", "rope_theta": 500_000.0, "factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    one_line_error(import_hf(scaled, tmp_path / "a"), "'rope_type': 'yarn'")
     assert not (tmp_path / "a").exists()
     result = import_hf(scaled, tmp_path / "b", "--allow-rope-scaling-drop")
     assert result.exit_code == 0, result.output

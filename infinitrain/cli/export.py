@@ -82,8 +82,9 @@ def import_hf(
         help="Initial β of every head: sigmoid(-6) ≈ 0.0025 keeps the Llama's local attention "
              "while the gate can still learn.")] = -6.0,
     allow_rope_scaling_drop: Annotated[bool, typer.Option(
-        "--allow-rope-scaling-drop", help="Import a checkpoint with RoPE scaling (e.g. "
-        "Llama-3.1/3.2's 'llama3') using unscaled frequencies.")] = False,
+        "--allow-rope-scaling-drop", help="Import a checkpoint whose RoPE scaling infinitrain "
+        "does not implement (anything but Llama-3's 'llama3') using unscaled frequencies.")]
+        = False,
 ) -> None:
     """Convert a Llama checkpoint into an Infini-Transformer for continual pretraining."""
     import yaml

@@ -139,13 +139,24 @@ def infini_config(hf_config: dict, *, segment_len: int, memory_rule: str, gate_i
     scaling = hf_config.get("rope_scaling") or rope  # transformers 4 layout
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     notes = []
-    if rope_type != "default":
+    rope_fields: dict = {}
+    if rope_type == "llama3":  # Llama-3.1 / 3.2: implemented by the core
+        try:
+            rope_fields = dict(
+                rope_scale_factor=float(scaling["factor"]),
+                rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                rope_original_context=int(scaling["original_max_position_embeddings"]),
+            )
+        except KeyError as missing:
+            raise LlamaImportError(f"llama3 RoPE scaling without {missing}") from None
+    elif rope_type != "default":
         summary = {key: value for key, value in scaling.items() if key != "rope_theta"}
         if not allow_rope_scaling_drop:
             raise LlamaImportError(
-                f"RoPE scaling {summary} is not implemented by infinitrain (its RoPE uses the "
-                "plain frequencies of rope_theta); pass --allow-rope-scaling-drop to import with "
-                "unscaled frequencies, which changes the model until training adapts it"
+                f"RoPE scaling {summary} is not implemented by infinitrain (it implements "
+                "'llama3' scaling and plain rope_theta); pass --allow-rope-scaling-drop to import "
+                "with unscaled frequencies, which changes the model until training adapts it"
             )
         notes.append(f"dropped RoPE scaling {summary}: the model uses unscaled frequencies")
     try:
@@ -165,6 +176,7 @@ def infini_config(hf_config: dict, *, segment_len: int, memory_rule: str, gate_i
             norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
             init_std=float(hf_config.get("initializer_range", 0.02)),
+            **rope_fields,
         )
     except KeyError as missing:
         raise LlamaImportError(f"config.json has no {missing} field") from None

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import apply_rope
+from .layers import apply_rope, rope_frequencies
 from .memory import feature_map, retrieve, scan, update
 from .state import LayerState
 
@@ -126,9 +126,10 @@ class InfiniAttention(nn.Module):
         n = self.config.segment_len
         s = t // n
         positions = torch.arange(n, device=q.device)
+        inv_freq = rope_frequencies(self.config, q.device)
         local = local_attention(
-            apply_rope(q.reshape(b * s, n, h_q, d), positions, self.config.rope_theta),
-            apply_rope(k.reshape(b * s, n, -1, d), positions, self.config.rope_theta),
+            apply_rope(q.reshape(b * s, n, h_q, d), positions, inv_freq),
+            apply_rope(k.reshape(b * s, n, -1, d), positions, inv_freq),
             v.reshape(b * s, n, -1, d),
         ).reshape(b, t, h_q, d)
         rule = self.config.memory_rule
@@ -154,9 +155,10 @@ class InfiniAttention(nn.Module):
         values = torch.cat([state.values, v], dim=1)
         total, length = keys.shape[1], q.shape[1]
         positions = torch.arange(total, device=q.device)
+        inv_freq = rope_frequencies(self.config, q.device)
         local = local_attention(
-            apply_rope(q, positions[total - length:], self.config.rope_theta),
-            apply_rope(keys, positions, self.config.rope_theta),
+            apply_rope(q, positions[total - length:], inv_freq),
+            apply_rope(keys, positions, inv_freq),
             values,
         )
         rule = self.config.memory_rule

@@ -36,6 +36,14 @@ class ModelConfig:
     gate_init: float = 0.0
     """Initial β of every head; sigmoid(0) = 0.5 mixes memory and local attention equally."""
     rope_theta: float = 500_000.0
+    rope_scale_factor: float = 1.0
+    """Llama-3 RoPE scaling factor; 1 = none. Frequencies whose wavelength exceeds
+    rope_original_context / rope_low_freq_factor are divided by it, those shorter than
+    rope_original_context / rope_high_freq_factor are kept, and the ones between are blended
+    (Llama-3.1 and 3.2 use 8 and 32 with 1, 4, 8192). Needed to continue a Llama-3 checkpoint."""
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -58,6 +66,16 @@ class ModelConfig:
                               f"{', '.join(MEMORY_RULES)}")
         if self.rope_theta <= 0:
             raise ConfigError(f"model.rope_theta = {self.rope_theta!r}: must be > 0")
+        if self.rope_scale_factor < 1:
+            raise ConfigError(f"model.rope_scale_factor = {self.rope_scale_factor!r}: must be >= 1 "
+                              "(1 disables scaling)")
+        if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError(f"model.rope_high_freq_factor = {self.rope_high_freq_factor!r}: "
+                              "must exceed model.rope_low_freq_factor = "
+                              f"{self.rope_low_freq_factor!r} (> 0)")
+        if self.rope_original_context <= 0:
+            raise ConfigError(f"model.rope_original_context = {self.rope_original_context!r}: "
+                              "must be a positive integer")
         if self.norm_eps <= 0:
             raise ConfigError(f"model.norm_eps = {self.norm_eps!r}: must be > 0")
         if self.init_std <= 0:

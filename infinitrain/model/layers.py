@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -29,18 +33,30 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rope_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> Tensor:
-    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
-                           / head_dim)
+def rope_frequencies(config: ModelConfig, device: torch.device | None = None) -> Tensor:
+    """Inverse RoPE frequencies [head_dim / 2] in float32, with Llama-3 scaling when configured.
 
-
-def apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotate x [..., L, H, d] by ``positions`` [L] (Llama's rotate-half convention).
-
-    Frequencies are computed here, in float32, rather than kept in a buffer: a buffer would follow
-    the model to bf16 (rounding the angles) and stay empty on a model built on the meta device.
+    Computed per call rather than kept in a buffer: a buffer would follow the model to bf16
+    (rounding the angles) and stay empty on a model built on the meta device.
     """
-    inv_freq = rope_frequencies(x.shape[-1], theta, x.device)
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (
+        torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    if config.rope_scale_factor == 1.0:
+        return inv_freq
+    # Llama-3.1's rule, as transformers' `_compute_llama3_parameters`.
+    wavelength = 2 * math.pi / inv_freq
+    context = config.rope_original_context
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    scaled = torch.where(wavelength > context / low, inv_freq / config.rope_scale_factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / config.rope_scale_factor + smooth * scaled
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(medium, blended, scaled)
+
+
+def apply_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotate x [..., L, H, d] by ``positions`` [L] (Llama's rotate-half convention)."""
     angles = positions.float()[:, None] * inv_freq[None, :]
     cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[:, None, :]
     sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[:, None, :]
