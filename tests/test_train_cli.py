@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -145,20 +146,29 @@ def test_stop_and_resume_equals_a_straight_run(straight_run, tmp_path):
     assert_same_end(run, straight_run)
 
 
+def start_pretrain(run: Path, max_steps: int, overrides: list[str]) -> subprocess.Popen:
+    """`infinitrain pretrain --recipe tiny` in a child process (to signal or kill it)."""
+    return subprocess.Popen(
+        [str(INFINITRAIN), "pretrain", "--recipe", "tiny", "--out-dir", str(run),
+         "--max-steps", str(max_steps), *sets(overrides)],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_until(process: subprocess.Popen, condition: Callable[[], bool], seconds: float) -> None:
+    """Poll ``condition`` while ``process`` keeps running; fail with its output if it stops."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()[0].decode()
+        assert time.monotonic() < deadline, f"not reached within {seconds} s"
+        time.sleep(0.005)
+
+
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint(straight_run, tmp_path):
     run = tmp_path / "killed"
-    process = subprocess.Popen(
-        [str(INFINITRAIN), "pretrain", "--recipe", "tiny", "--out-dir", str(run),
-         "--max-steps", "100", *sets([*SMALL, "checkpoint.every_steps=2"])],
-        cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while not (checkpoint(run, 2) / "checkpoint.json").exists():
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.02)
+    process = start_pretrain(run, 100, [*SMALL, "checkpoint.every_steps=2"])
+    wait_until(process, (checkpoint(run, 2) / "checkpoint.json").exists, 180)
     process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
+    process.communicate()
     complete = sorted(path.name for path in run.glob("step-*"))
     assert complete and complete[-1] < checkpoint(run, STEPS).name, complete
     trained(run, "--max-steps", str(STEPS), "--resume", "auto")
@@ -225,14 +235,8 @@ def test_finetune_starts_from_the_init_weights(straight_run, tmp_path):
 
 def test_sigusr1_saves_a_checkpoint_and_stops_cleanly(tmp_path):
     run = tmp_path / "signalled"
-    process = subprocess.Popen(
-        [str(INFINITRAIN), "pretrain", "--recipe", "tiny", "--out-dir", str(run),
-         "--max-steps", "300", *sets([*SMALL, "checkpoint.every_steps=2"])],
-        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while not (checkpoint(run, 2) / "checkpoint.json").exists():
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    process = start_pretrain(run, 300, [*SMALL, "checkpoint.every_steps=2"])
+    wait_until(process, (checkpoint(run, 2) / "checkpoint.json").exists, 180)
     process.send_signal(signal.SIGUSR1)
     output = process.communicate(timeout=120)[0].decode()
     assert process.returncode == 0, output
@@ -271,14 +275,8 @@ def test_sigusr1_is_caught_before_torch_is_imported():
 def test_sigusr1_before_the_first_step_checkpoints_it(tmp_path):
     """A signal that arrives before training starts is kept: a checkpoint at step 1, exit 0."""
     run = tmp_path / "early"
-    process = subprocess.Popen(
-        [str(INFINITRAIN), "pretrain", "--recipe", "tiny", "--out-dir", str(run),
-         "--max-steps", "300", *sets(SMALL)],
-        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not catches_sigusr1(process.pid):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.005)
+    process = start_pretrain(run, 300, SMALL)
+    wait_until(process, lambda: catches_sigusr1(process.pid), 60)
     process.send_signal(signal.SIGUSR1)  # long before training starts
     output = process.communicate(timeout=180)[0].decode()
     assert process.returncode == 0, output
