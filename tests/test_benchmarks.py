@@ -72,7 +72,8 @@ def test_peak_table_prefers_the_specific_name(gpu: ModuleType) -> None:
     assert gpu.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.5
     assert gpu.peak_bf16_tflops("NVIDIA H200") == 989.5
     assert gpu.peak_bf16_tflops("NVIDIA H200 NVL") == 835.5
-    assert gpu.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") is None
+    assert gpu.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu.peak_bf16_tflops("NVIDIA GeForce RTX 4090") is None  # unknown: no MFU
 
 
 def test_cpu_smoke_run_writes_the_results_json(gpu: ModuleType, tmp_path: Path,

@@ -7,7 +7,6 @@ is not learning.
 
 from __future__ import annotations
 
-import resource
 import time
 
 import torch
@@ -15,33 +14,20 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from ..data import Window
+from ..evaluation.resources import process_peak_rss_bytes
 from ..model import ModelConfig
+from .flops import flops_per_token, peak_bf16_tflops
 from .weights import gathered
-
-PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
-                   ("L40S", 362e12))
-"""Dense bf16 peak per GPU by device-name fragment (first match wins): the MFU denominator."""
 
 GATE_NEAR = 0.1
 """A head counts as local-only below sigmoid(β) = 0.1 and as memory-only above 0.9."""
 
 
-def training_flops_per_token(config: ModelConfig) -> float:
-    """Forward + backward FLOPs per token (3 × forward; recomputation not counted, as for MFU)."""
-    d, heads, kv, head_dim = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
-    projections = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * config.ffn_dim
-    local_attention = heads * head_dim * config.segment_len  # QKᵀ and AV over N/2 keys on average
-    memory = (heads + 2 * kv) * head_dim * head_dim  # retrieve (queries), delta read and write
-    per_layer = projections + local_attention + memory
-    multiply_adds = config.n_layers * per_layer + d * config.vocab_size
-    return 3 * 2 * multiply_adds
-
-
 def device_peak_flops(device: torch.device, precision: str) -> float | None:
     if device.type != "cuda" or "16" not in precision:  # bf16 or fp16 tensor cores
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)
+    tflops = peak_bf16_tflops(torch.cuda.get_device_name(device))
+    return None if tflops is None else tflops * 1e12
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -50,7 +36,7 @@ def peak_memory_bytes(device: torch.device) -> int:
         peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return process_peak_rss_bytes()
 
 
 def gate_statistics(gates: Tensor) -> dict[str, float]:
@@ -69,7 +55,7 @@ class TrainingMetrics(Callback):
     """Logs throughput, MFU, peak memory, grad norm and gate statistics every ``every`` steps."""
 
     def __init__(self, config: ModelConfig, every: int, precision: str) -> None:
-        self.flops_per_token = training_flops_per_token(config)
+        self.flops_per_token = flops_per_token(config)
         self.every = every
         self.precision = precision
         self.peak_flops: float | None = None

@@ -26,7 +26,8 @@ from .checkpoint import (
     read_manifest,
 )
 from .data import StreamData, check_sources
-from .metrics import TrainingMetrics, training_flops_per_token
+from .flops import flops_per_token
+from .metrics import TrainingMetrics
 from .module import StreamingLM
 from .progress import StepProgressBar, TextProgress
 from .saving import CheckpointWriter
@@ -60,7 +61,7 @@ def summarize(recipe: Recipe) -> RunSummary:
         memory_state_bytes_per_stream=model.empty_state(1, "meta").memory_nbytes(),
         streams_per_device=recipe.data.streams,
         tokens_per_step=recipe.tokens_per_step,
-        training_flops_per_token=training_flops_per_token(recipe.model_config),
+        training_flops_per_token=flops_per_token(recipe.model_config),
     )
 
 
