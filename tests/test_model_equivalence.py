@@ -13,17 +13,20 @@ from infinitrain.model.attention import InfiniAttention
 
 
 def small_config(rule: str = "delta", **overrides):
+    """``rule`` is a memory rule, or "deltanet-gated" for deltanet with the write gate."""
     values = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                  segment_len=8, memory_rule=rule)
+                  segment_len=8, memory_rule=rule.removesuffix("-gated"),
+                  memory_write_gate=rule.endswith("-gated"))
     values.update(overrides)
     return preset("tiny", **values)
 
 
 def randomise_gates(model: torch.nn.Module) -> None:
-    """Distinct gates per head, so a head/group mix-up cannot hide behind equal gates."""
+    """Distinct gates per head (and write gates per token), so a head/group mix-up cannot hide
+    behind equal gates."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("gate"):
+            if name.endswith(("gate", "write_weight", "write_bias")):
                 param.copy_(torch.randn_like(param) * 2)
 
 
@@ -37,9 +40,16 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
     wk = attn.k_proj.weight.view(cfg.n_kv_heads, d, -1)
     wv = attn.v_proj.weight.view(cfg.n_kv_heads, d, -1)
 
+    deltanet = rule.startswith("deltanet")
+
     def sigma(t):
         features = F.elu(t) + 1
-        return features / features.norm(dim=-1, keepdim=True) if rule == "deltanet" else features
+        return features / features.norm(dim=-1, keepdim=True) if deltanet else features
+
+    def write_strength(k, kv):  # β_t from the raw key; 1 without the write gate
+        if not cfg.memory_write_gate:
+            return 1.0
+        return torch.sigmoid(k @ attn.write_weight[kv] + attn.write_bias[kv])
 
     def rope(t):  # t [L, d]; positions restart at 0 in every segment
         half = d // 2
@@ -62,17 +72,18 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
                 causal = torch.ones(n, n).tril().bool()
                 local = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
                 empty = norm.abs().sum() == 0  # first segment: retrieval defined as 0
-                if rule == "deltanet":
+                if deltanet:
                     mem = sigma(q) @ memory
                 elif empty:
                     mem = torch.zeros(n, d)
                 else:
                     mem = sigma(q) @ memory / (sigma(q) @ norm)[:, None]
                 out[bi, start:start + n, h] = beta * mem + (1 - beta) * local
-                if rule == "deltanet":  # one token at a time
+                if deltanet:  # one token at a time
                     for t in range(n):
                         key = sigma(k[t:t + 1])
-                        memory = memory + key.T @ (v[t:t + 1] - key @ memory)
+                        beta_t = write_strength(k[t], kv)
+                        memory = memory + beta_t * key.T @ (v[t:t + 1] - key @ memory)
                     continue
                 if rule == "delta" and not empty:
                     v = v - (sigma(k) @ memory) / (sigma(k) @ norm)[:, None]
@@ -81,7 +92,7 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
     return out.reshape(batch, length, -1) @ attn.o_proj.weight.T
 
 
-RULES = ["linear", "delta", "deltanet"]
+RULES = ["linear", "delta", "deltanet", "deltanet-gated"]
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -79,6 +79,9 @@ class InfiniForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, InfiniAttention):
             # from_pretrained builds the model on the meta device: set β where the file lacks it.
             init.constant_(module.gate, self.config.gate_init)
+            if self.config.memory_write_gate:
+                init.zeros_(module.write_weight)
+                init.zeros_(module.write_bias)
 
     def forward(self, input_ids: Tensor, past_key_values: InfiniCache | None = None,
                 attention_mask: Tensor | None = None, labels: Tensor | None = None,

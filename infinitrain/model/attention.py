@@ -81,6 +81,10 @@ class InfiniAttention(nn.Module):
         self.o_proj = nn.Linear(h_q * d, config.d_model, bias=False)
         self.gate = nn.Parameter(torch.full((h_q,), float(config.gate_init)))
         """β per query head: sigmoid(β) weighs memory against local attention."""
+        if config.memory_write_gate:
+            self.write_weight = nn.Parameter(torch.zeros(h_kv, d))
+            self.write_bias = nn.Parameter(torch.zeros(h_kv))
+            """Write strength sigmoid(k_t·w + b) per key/value head, from the token's own key."""
 
     def forward(self, x: Tensor, state: LayerState, reset: Tensor | None = None,
                 use_memory: bool = True) -> tuple[Tensor, LayerState]:
@@ -119,6 +123,13 @@ class InfiniAttention(nn.Module):
             mixed = local
         return self.o_proj(mixed.to(x.dtype).reshape(b, t, -1)), state
 
+    def write_strength(self, k: Tensor) -> Tensor | None:
+        """β_t [..., H_kv] for raw keys k [..., H_kv, d]; None without the write gate."""
+        if not self.config.memory_write_gate:
+            return None
+        return torch.sigmoid((k.float() * self.write_weight.float()).sum(-1)
+                             + self.write_bias.float())
+
     def _segments(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState,
                   reset: Tensor | None) -> tuple[tuple[Tensor, Tensor], LayerState]:
         """A run of S whole segments: local attention batched over segments, memory scanned."""
@@ -134,9 +145,12 @@ class InfiniAttention(nn.Module):
         ).reshape(b, t, h_q, d)
         rule = self.config.memory_rule
         sigma_q = group_queries(feature_map(q, rule).view(b, s, n, h_q, d), k.shape[2])
+        strength = self.write_strength(k)
+        if strength is not None:
+            strength = by_kv_head(strength.unsqueeze(-1), s).squeeze(-1)
         retrieved, memory, norm = scan(
             sigma_q, by_kv_head(feature_map(k, rule), s), by_kv_head(v, s),
-            state.memory, state.norm, rule, reset,
+            state.memory, state.norm, rule, reset, strength,
         )
         new_state = LayerState(memory, norm, state.keys, state.values)
         return (local, ungroup_queries(retrieved, n)), new_state
@@ -165,7 +179,9 @@ class InfiniAttention(nn.Module):
         sigma_q = group_queries(feature_map(q, rule).unsqueeze(1), k.shape[2])
         retrieved = retrieve(sigma_q[:, 0], memory, norm, rule).unsqueeze(1)
         if total == self.config.segment_len:
-            memory, norm = update(feature_map(keys, rule).transpose(1, 2),
-                                      values.transpose(1, 2), memory, norm, rule)
+            strength = self.write_strength(keys)
+            memory, norm = update(feature_map(keys, rule).transpose(1, 2), values.transpose(1, 2),
+                                  memory, norm, rule,
+                                  None if strength is None else strength.transpose(1, 2))
             keys, values = keys[:, :0], values[:, :0]
         return (local, ungroup_queries(retrieved, length)), LayerState(memory, norm, keys, values)

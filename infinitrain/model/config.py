@@ -33,6 +33,9 @@ class ModelConfig:
     """'linear' (M += σ(K)ᵀV) or 'delta' (M += σ(K)ᵀ(V − retrieved)), the paper's rules; or
     'deltanet', a length-robust variant (unit-norm features, unnormalised read, token-sequential
     delta rule; see model/memory.py)."""
+    memory_write_gate: bool = False
+    """'deltanet' only: each token writes with a learned strength β_t = sigmoid(k_t·w + b) per
+    key/value head (DeltaNet's β), so filler can write weakly and leave older facts in place."""
     gate_init: float = 0.0
     """Initial β of every head; sigmoid(0) = 0.5 mixes memory and local attention equally."""
     rope_theta: float = 500_000.0
@@ -64,6 +67,10 @@ class ModelConfig:
         if self.memory_rule not in MEMORY_RULES:
             raise ConfigError(f"model.memory_rule = {self.memory_rule!r}: must be one of "
                               f"{', '.join(MEMORY_RULES)}")
+        if self.memory_write_gate and self.memory_rule != "deltanet":
+            raise ConfigError(f"model.memory_write_gate = true needs model.memory_rule = "
+                              f"'deltanet', not {self.memory_rule!r}: the paper's rules write "
+                              "every token at full strength")
         if self.rope_theta <= 0:
             raise ConfigError(f"model.rope_theta = {self.rope_theta!r}: must be > 0")
         if self.rope_scale_factor < 1:

@@ -64,20 +64,21 @@ def retrieve(sigma_q: Tensor, memory: Tensor, norm: Tensor, rule: str) -> Tensor
 
 
 @float32
-def update(sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
-           rule: str) -> tuple[Tensor, Tensor]:
+def update(sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor, rule: str,
+           strength: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Write one whole segment into memory; returns (M_s, z_s).
 
-    sigma_k [..., N, d_k], values [..., N, d_v], memory [..., d_k, d_v], norm [..., d_k].
+    sigma_k [..., N, d_k], values [..., N, d_v], memory [..., d_k, d_v], norm [..., d_k];
+    strength [..., N] in (0, 1), ``deltanet`` only: β_t per token (None: 1).
     """
     if rule == "deltanet":
-        # Token by token, M_t = M_{t-1} + k_tᵀ(v_t − k_t M_{t-1}). Unrolled, the written residuals
-        # U solve (I + tril(K Kᵀ, -1)) U = V − K M_0 (the diagonal is taken as 1, the upper part
-        # ignored), and M_N = M_0 + Kᵀ U.
-        values = torch.linalg.solve_triangular(
-            sigma_k @ sigma_k.transpose(-1, -2), values - sigma_k @ memory,
-            upper=False, unitriangular=True,
-        )
+        # Token by token, M_t = M_{t-1} + β_t k_tᵀ(v_t − k_t M_{t-1}). Unrolled, the written
+        # residuals U solve (I + diag(β) tril(K Kᵀ, -1)) U = diag(β)(V − K M_0) (the diagonal is
+        # taken as 1, the upper part ignored), and M_N = M_0 + Kᵀ U.
+        gram, residual = sigma_k @ sigma_k.transpose(-1, -2), values - sigma_k @ memory
+        if strength is not None:
+            gram, residual = strength[..., None] * gram, strength[..., None] * residual
+        values = torch.linalg.solve_triangular(gram, residual, upper=False, unitriangular=True)
     elif rule == "delta":
         values = values - retrieve(sigma_k, memory, norm, rule)
     return memory + sigma_k.transpose(-1, -2) @ values, norm + sigma_k.sum(dim=-2)
@@ -85,12 +86,14 @@ def update(sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
 
 @float32
 def scan(sigma_q: Tensor, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
-         rule: str, reset: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+         rule: str, reset: Tensor | None = None,
+         strength: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Retrieve-then-update over S consecutive whole segments.
 
     sigma_q [B, S, H_kv, L_q, d_k] (the query heads of a group stacked along L_q),
     sigma_k [B, S, H_kv, N, d_k], values [B, S, H_kv, N, d_v], memory/norm the state before the
-    first segment, reset [B, S] bool empties a stream's memory before that segment.
+    first segment, reset [B, S] bool empties a stream's memory before that segment, strength
+    [B, S, H_kv, N] the write strengths (see :func:`update`).
     Returns (A_mem [B, S, H_kv, L_q, d_v], M_S, z_S).
     """
     retrieved = []
@@ -100,5 +103,6 @@ def scan(sigma_q: Tensor, sigma_k: Tensor, values: Tensor, memory: Tensor, norm:
             memory = torch.where(keep[..., None], memory, torch.zeros_like(memory))
             norm = torch.where(keep, norm, torch.zeros_like(norm))
         retrieved.append(retrieve(sigma_q[:, s], memory, norm, rule))
-        memory, norm = update(sigma_k[:, s], values[:, s], memory, norm, rule)
+        memory, norm = update(sigma_k[:, s], values[:, s], memory, norm, rule,
+                              None if strength is None else strength[:, s])
     return torch.stack(retrieved, dim=1), memory, norm

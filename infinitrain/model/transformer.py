@@ -55,6 +55,9 @@ class InfiniTransformer(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, InfiniAttention):
                 nn.init.constant_(module.gate, self.config.gate_init)
+                if self.config.memory_write_gate:
+                    nn.init.zeros_(module.write_weight)
+                    nn.init.zeros_(module.write_bias)
 
     def empty_state(self, batch_size: int, device: torch.device | str | None = None) -> InfiniState:
         weight = self.embed_tokens.weight

@@ -1,7 +1,8 @@
 """Optimizer parameter groups and the warm-up + cosine learning-rate schedule.
 
-Three groups: matrices decay; norms and biases do not; the memory gates β neither decay nor share
-the base learning rate (DESIGN.md §2: under a small global lr they stay stuck at sigmoid 0.5).
+Three groups: matrices decay; norms and biases do not; the memory gates (β, and the write gates)
+neither decay nor share the base learning rate (DESIGN.md §2: under a small global lr they stay
+stuck at sigmoid 0.5).
 The schedule is a pure function of the optimizer step and the recipe's max_steps, so where an
 invocation stops (`--max-steps`) never changes it.
 """
@@ -18,10 +19,15 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..model.attention import InfiniAttention
 from ..recipe import OptimSection
 
+GATE_PARAMETERS = ("gate", "write_weight", "write_bias")
+"""Infini-attention's gates: the memory/local mix β and, with ``memory_write_gate``, the write
+strength."""
+
 
 def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
     """``decay``, ``no_decay`` and ``gates`` groups, each tagged with its name."""
-    gates = {id(module.gate) for module in model.modules() if isinstance(module, InfiniAttention)}
+    gates = {id(parameter) for module in model.modules() if isinstance(module, InfiniAttention)
+             for name, parameter in module.named_parameters() if name in GATE_PARAMETERS}
     groups = {"decay": [], "no_decay": [], "gates": []}
     for parameter in model.parameters():
         if not parameter.requires_grad:
