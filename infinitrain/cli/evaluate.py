@@ -1,4 +1,4 @@
-"""`infinitrain eval passkey|perplexity|booksum`, `generate` and `inspect gates`.
+"""`infinitrain eval passkey|perplexity|booksum`, `generate` and `inspect gates|training`.
 
 Commands parse and check their options, load the model, call the evaluation code with a progress
 bar, print rich tables and write JSON/PNG where asked. User mistakes end in one ``Error:`` line that
@@ -32,7 +32,7 @@ stderr = Console(stderr=True, soft_wrap=True)
 eval_app = typer.Typer(name="eval", no_args_is_help=True,
                        help="Evaluate a checkpoint: passkey retrieval, perplexity, BookSum ROUGE.")
 inspect_app = typer.Typer(name="inspect", no_args_is_help=True,
-                          help="Look inside a checkpoint.")
+                          help="Look inside a checkpoint or a training run.")
 
 ModelOption = Annotated[Path, typer.Option(
     "--model", help="Training checkpoint (step-XXXXXXXX/), a run's out_dir (its 'latest' "
@@ -256,6 +256,38 @@ def gates(
         _written("plot", plot)
     if json_path is not None:
         write_json(json_path, "inspect gates", loaded, {}, report.to_dict())
+        _written("results", json_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# infinitrain inspect training
+
+
+@inspect_app.command("training")
+def training(
+    run: Annotated[Path, typer.Option(
+        "--run", help="A run's out_dir: the folder holding logs/ and the step-XXXXXXXX/ "
+        "checkpoints.", show_default=False)],
+    plot: PlotOption = None,
+    json_path: JsonOption = None,
+) -> None:
+    """A run's training curve from its CSV logs: loss and each layer's memory gates vs step."""
+    from ..evaluation.plots import training_curves
+    from ..evaluation.report import write_json
+    from ..evaluation.tables import training_table
+    from ..evaluation.training_log import TrainingLog
+
+    with reported("--run"):
+        log = TrainingLog.read(run)
+    stdout.print(training_table(log))
+    if plot is not None:
+        steps, (loss,) = log.points("loss")
+        training_curves(steps, loss, {layer.replace("_", " "): log.gates(layer)
+                                      for layer in log.gate_layers},
+                        plot, title=f"Training loss, {run.resolve().name}")
+        _written("plot", plot)
+    if json_path is not None:
+        write_json(json_path, "inspect training", None, {"run": str(run)}, log.to_dict())
         _written("results", json_path)
 
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -68,4 +69,50 @@ def curves(series: Mapping[str, Sequence[float]], path: str | Path, *, title: st
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
+    return _save(figure, path)
+
+
+def _smoothed(ys: Sequence[float], span: int) -> list[float]:
+    """Exponential moving average over about ``span`` points, debiased so it starts at ys[0]."""
+    alpha = 2 / (span + 1)
+    average, weight, out = 0.0, 0.0, []
+    for y in ys:
+        average = (1 - alpha) * average + alpha * y
+        weight = (1 - alpha) * weight + alpha
+        out.append(average / weight)
+    return out
+
+
+def training_curves(steps: Sequence[int], loss: Sequence[float],
+                    gates: Mapping[str, tuple[Sequence[int], Sequence[float], Sequence[float],
+                                              Sequence[float]]],
+                    path: str | Path, *, title: str) -> Path:
+    """Loss (raw and smoothed) above each layer's gate mean with its min–max band, vs step.
+
+    ``gates`` maps a layer's label to (steps, mean, min, max); with none, only the loss is drawn.
+    """
+    panels = 2 if gates else 1
+    figure = Figure(figsize=(8, 3.2 * panels + 0.4))
+    top = figure.add_subplot(panels, 1, 1)
+    top.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
+    top.plot(steps, _smoothed(loss, max(4, len(loss) // 20)), color="tab:blue", linewidth=1.8,
+             label="smoothed")
+    top.set_ylabel("loss (nats/token)")
+    top.set_title(title)
+    top.grid(alpha=0.3)
+    top.legend()
+    if not gates:
+        top.set_xlabel("step")
+        return _save(figure, path)
+    bottom = figure.add_subplot(panels, 1, 2, sharex=top)
+    for i, (label, (gate_steps, mean, low, high)) in enumerate(gates.items()):
+        colour = colormaps["viridis"](0.85 * i / max(1, len(gates) - 1))  # its yellow end is faint
+        bottom.fill_between(gate_steps, low, high, color=colour, alpha=0.15, linewidth=0)
+        bottom.plot(gate_steps, mean, color=colour, linewidth=1.5, label=label)
+    bottom.set_ylim(0, 1)
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("memory gate sigmoid(β)")
+    bottom.set_title("Gate mean per layer (band: min–max over heads)")
+    bottom.grid(alpha=0.3)
+    bottom.legend(ncol=math.ceil(len(gates) / 8), fontsize="small")
     return _save(figure, path)

@@ -26,15 +26,19 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | Path, command: str, loaded: LoadedModel, settings: dict[str, Any],
-               results: dict[str, Any]) -> Path:
-    """Write ``results`` with the command, its settings, the model and the software that ran it."""
-    weight = loaded.model.embed_tokens.weight
+def write_json(path: str | Path, command: str, loaded: LoadedModel | None,
+               settings: dict[str, Any], results: dict[str, Any]) -> Path:
+    """Write ``results`` with the command, its settings, the model (None for commands that read
+    no model, such as ``inspect training``) and the software that ran it."""
+    model = None
+    if loaded is not None:
+        weight = loaded.model.embed_tokens.weight
+        model = {"path": str(loaded.path), "config": loaded.model.config.to_dict(),
+                 "dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device)}
     payload = {
         "command": command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"path": str(loaded.path), "config": loaded.model.config.to_dict(),
-                  "dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device)},
+        "model": model,
         "settings": settings,
         "results": results,
         "software": {"infinitrain": __version__, "torch": torch.__version__,

@@ -12,6 +12,7 @@ from .gates import GateReport
 from .options import format_tokens
 from .passkey import PasskeyResult
 from .perplexity import PerplexityResult
+from .training_log import TrainingLog
 
 PAPER_BOOKSUM = "paper, 8B at 500K, linear+delta: R-1 40.0, R-2 8.8, R-L 17.9, overall 18.5"
 
@@ -74,6 +75,27 @@ def gates_table(report: GateReport) -> Table:
     for layer, (gates, roles) in enumerate(zip(report.gates, report.roles(), strict=True)):
         table.add_row(str(layer), *map(_gate_cell, gates),
                       f"{roles['memory']} / {roles['local']} / {roles['mixer']}")
+    return table
+
+
+def training_table(log: TrainingLog) -> Table:
+    """Where the run's loss went and where each layer's gates ended up."""
+    summary = log.summary()
+    first, last = summary["first_loss"], summary["last_loss"]
+    table = Table(title=f"Training run {log.run}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("logged steps", f"{summary['first_step']:,}–{summary['last_step']:,} "
+                  f"({summary['logged_steps']:,} rows, {summary['invocations']} invocation"
+                  f"{'s' if summary['invocations'] > 1 else ''})")
+    table.add_row("first loss", f"{first['value']:.4f} at step {first['step']:,}")
+    table.add_row("last loss", f"[bold]{last['value']:.4f}[/] at step {last['step']:,}")
+    if summary["final_gates"]:
+        table.add_section()
+    for layer, gate in summary["final_gates"].items():
+        table.add_row(f"gate mean {layer.replace('_', ' ')}",
+                      f"{_gate_cell(gate['mean'])} (min {gate['min']:.3f}, max {gate['max']:.3f})"
+                      f" at step {gate['step']:,}")
     return table
 
 
