@@ -42,6 +42,9 @@ class PasskeySettings:
     use_memory: bool = True
     max_new_tokens: int = 8
     """Enough for a five-digit key however the tokenizer splits digits."""
+    key_min: int = 1
+    key_max: int = 50_000
+    """Keys are drawn uniformly from [key_min, key_max] (Landmark's range by default)."""
 
 
 @dataclass
@@ -100,7 +103,7 @@ def evaluate_passkey(model: InfiniTransformer, tokenizer: Tokenizer, settings: P
                      on_progress: ProgressFn | None = None) -> PasskeyResult:
     """Every length × depth × sample, shortest length first."""
     device = model.embed_tokens.weight.device
-    prompts = PasskeyGenerator(tokenizer)
+    prompts = PasskeyGenerator(tokenizer, settings.key_min, settings.key_max)
     config = GenerationConfig(max_new_tokens=settings.max_new_tokens,
                               eos_token_id=tokenizer.eos_id,
                               window_segments=settings.window_segments,
