@@ -7,6 +7,7 @@ import torch
 
 from infinitrain.model import InfiniTransformer, preset
 from infinitrain.model_dir import load_model_dir, save_model_dir
+from infinitrain.recipe import RecipeError
 from infinitrain.training.checkpoint import (
     Manifest,
     ResumeError,
@@ -16,7 +17,7 @@ from infinitrain.training.checkpoint import (
     step_name,
     write_manifest,
 )
-from infinitrain.training.weights import model_from_state_dict
+from infinitrain.training.weights import check_init, model_from_state_dict
 
 
 def staged(out_dir, step: int):
@@ -86,3 +87,13 @@ def test_the_model_directory_written_from_a_saved_state_dict_is_the_model(tmp_pa
                    tmp_path)
     ids = torch.randint(0, config.vocab_size, (1, 70))
     torch.testing.assert_close(load_model_dir(tmp_path)(ids)[0], model(ids)[0], rtol=0, atol=0)
+
+
+def test_init_weights_must_have_the_recipes_parameters(tmp_path):
+    """A write-gated model has parameters an ungated one lacks: refused before training, by name."""
+    config = preset("tiny", d_model=32, ffn_dim=64, memory_rule="deltanet")
+    save_model_dir(InfiniTransformer(config), tmp_path)
+    assert check_init(tmp_path, config) == tmp_path
+    gated = preset("tiny", d_model=32, ffn_dim=64, memory_rule="deltanet", memory_write_gate=True)
+    with pytest.raises(RecipeError, match="memory_write_gate False vs True"):
+        check_init(tmp_path, gated)
