@@ -1,4 +1,5 @@
-"""`infinitrain eval passkey|perplexity|booksum`, `generate` and `inspect gates|training`.
+"""`infinitrain eval passkey|perplexity|booksum`, `generate` and
+`inspect gates|training|needle-trace`.
 
 Commands parse and check their options, load the model, call the evaluation code with a progress
 bar, print rich tables and write JSON/PNG where asked. User mistakes end in one ``Error:`` line that
@@ -288,6 +289,71 @@ def training(
         _written("plot", plot)
     if json_path is not None:
         write_json(json_path, "inspect training", None, {"run": str(run)}, log.to_dict())
+        _written("results", json_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# infinitrain inspect needle-trace
+
+
+@inspect_app.command("needle-trace")
+def needle_trace(
+    model: ModelOption,
+    length: Annotated[str, typer.Option(help="Prompt length in tokens: 4096, 16k, 1M, …")]
+        = "16k",
+    depth: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Needle depth in [0, 1]: 0 = start of the filler, 1 = its end.")]
+        = 0.0,
+    samples: Annotated[int, typer.Option(min=1, help="Prompts (keys) to average over.")] = 3,
+    seed: Annotated[int, typer.Option(
+        help="Seed of the keys: the keys `eval passkey --seed` draws at this length for its "
+             "first depth.")] = 0,
+    plot: PlotOption = None,
+    json_path: JsonOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """How much of a passkey needle the memory still holds as filler accumulates, per layer.
+
+    Compares the memory M of each prompt with that of a twin without the needle, segment by segment.
+    """
+    from ..data.passkey import PasskeyGenerator
+    from ..evaluation.needle_trace import checked_sample
+    from ..evaluation.needle_trace import needle_trace as run_trace
+    from ..evaluation.options import format_tokens, parse_token_count
+    from ..evaluation.plots import loglog_panels
+    from ..evaluation.report import write_json
+    from ..evaluation.tables import needle_trace_table
+
+    with reported():
+        tokens = parse_token_count(length, "--length")
+    loaded, tokenizer = _load(model, device, dtype)
+    segment_len = loaded.model.config.segment_len
+    with reported("--length"):  # the prompt must hold the task, needle and question
+        PasskeyGenerator(tokenizer).sample(tokens, depth, seed=0)
+    with reported("--depth"):
+        checked_sample(PasskeyGenerator(tokenizer), tokens, depth, 0, segment_len)
+    with _progress() as progress:
+        task = progress.add_task("needle and twin", total=tokens * samples)
+        with reported("--depth"):  # another key's needle may be a token longer
+            result = run_trace(loaded.model, tokenizer, tokens, depth, samples, seed,
+                               on_progress=lambda n: progress.advance(task, n))
+    stdout.print(needle_trace_table(result))
+    if plot is not None:
+        def lines(values: list[list[float]]) -> dict[str, tuple[list[int], list[float]]]:
+            return {f"layer {i}": (result.after, row) for i, row in enumerate(values)}
+
+        loglog_panels({"needle trace ‖ΔM‖/‖M‖": lines(result.trace),
+                       "change of M per segment": lines(result.change)}, plot,
+                      title=f"Needle in memory, {result.memory_rule} rule, "
+                            f"{format_tokens(tokens)} tokens, depth {depth:g} "
+                            f"({loaded.path.parent.name}/{loaded.path.name})",
+                      xlabel=f"segments after the needle's ({segment_len} tokens each)")
+        _written("plot", plot)
+    if json_path is not None:
+        write_json(json_path, "inspect needle-trace", loaded,
+                   {"length": tokens, "depth": depth, "samples": samples, "seed": seed},
+                   result.to_dict())
         _written("results", json_path)
 
 

@@ -72,6 +72,29 @@ def curves(series: Mapping[str, Sequence[float]], path: str | Path, *, title: st
     return _save(figure, path)
 
 
+def loglog_panels(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+                  path: str | Path, *, title: str, xlabel: str) -> Path:
+    """Side-by-side log-log panels, one per y label, each with one line per named (xs, ys) series;
+    points that are not positive (log scale has no place for them) or NaN are left out."""
+    figure = Figure(figsize=(5.5 * len(panels), 4))
+    for i, (ylabel, series) in enumerate(panels.items()):
+        axes = figure.add_subplot(1, len(panels), i + 1)
+        for name, (xs, ys) in series.items():
+            points = [(x, y) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
+            if points:
+                axes.plot(*zip(*points, strict=True), label=name,
+                          marker="." if len(points) < 60 else None)
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3, which="both")
+        if axes.lines:
+            axes.legend()
+    figure.suptitle(title)
+    return _save(figure, path)
+
+
 def _smoothed(ys: Sequence[float], span: int) -> list[float]:
     """Exponential moving average over about ``span`` points, debiased so it starts at ys[0]."""
     alpha = 2 / (span + 1)

@@ -9,6 +9,7 @@ from rich.table import Table
 from ..cli.model_info import human_bytes
 from .booksum import BookSumResult
 from .gates import GateReport
+from .needle_trace import NeedleTraceResult
 from .options import format_tokens
 from .passkey import PasskeyResult
 from .perplexity import PerplexityResult
@@ -75,6 +76,40 @@ def gates_table(report: GateReport) -> Table:
     for layer, (gates, roles) in enumerate(zip(report.gates, report.roles(), strict=True)):
         table.add_row(str(layer), *map(_gate_cell, gates),
                       f"{roles['memory']} / {roles['local']} / {roles['mixer']}")
+    return table
+
+
+def _g3(value: float) -> str:
+    """Three significant digits with a short exponent (2.02e3, 4.1e-5): fits 80 columns."""
+    return f"{value:.3g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def needle_trace_table(result: NeedleTraceResult) -> Table:
+    """Per layer, at 0, 1, 4, 16, … segments after the needle's: how much of it the memory holds,
+    how big the memory is and how much one more segment of filler still changes it."""
+    n = result.segment_len
+    table = Table(title=f"Needle trace in memory ({result.memory_rule} rule, "
+                        f"{format_tokens(result.length)} tokens, depth {result.depth:g}, "
+                        f"{len(result.samples)} keys; mean over kv heads)",
+                  caption="after: segments of filler written after the needle's segment "
+                          "(tokens: as many tokens); trace = "
+                          "‖M_with − M_without‖/‖M_with‖ (max head: the largest kv head's); "
+                          "change = ‖M_s − M_s−1‖/‖M_s‖"
+                          + ("; ‖z‖: — as deltanet does not read z" if result.memory_rule
+                             == "deltanet" else ""))
+    for name in ("after", "tokens", "layer", "trace", "max head", "‖M‖", "‖z‖", "change"):
+        table.add_column(name, justify="right")
+    uses_z = result.memory_rule != "deltanet"
+    for point in result.points():
+        table.add_section()
+        for layer in range(result.n_layers):
+            first = layer == 0
+            table.add_row(str(point) if first else "", f"{point * n:,}" if first else "",
+                          str(layer), _g3(result.trace[layer][point]),
+                          _g3(result.trace_max_head[layer][point]),
+                          _g3(result.memory_norm[layer][point]),
+                          _g3(result.z_norm[layer][point]) if uses_z else "—",
+                          _g3(result.change[layer][point]))
     return table
 
 
