@@ -129,7 +129,8 @@ def memory_skipped() -> Iterator[None]:
     under checkpointing, so it is no clean baseline; both are reported."""
 
     def no_scan(sigma_q: Tensor, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
-                rule: str, reset: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                rule: str, reset: Tensor | None = None,
+                strength: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         return sigma_q.new_zeros(*sigma_q.shape[:-1], values.shape[-1]), memory, norm
 
     with mock.patch.object(attention_module, "scan", no_scan):
