@@ -329,10 +329,11 @@ def needle_trace(
         tokens = parse_token_count(length, "--length")
     loaded, tokenizer = _load(model, device, dtype)
     segment_len = loaded.model.config.segment_len
+    prompts = PasskeyGenerator(tokenizer)
     with reported("--length"):  # the prompt must hold the task, needle and question
-        PasskeyGenerator(tokenizer).sample(tokens, depth, seed=0)
+        prompts.sample(tokens, depth, seed=0)
     with reported("--depth"):
-        checked_sample(PasskeyGenerator(tokenizer), tokens, depth, 0, segment_len)
+        checked_sample(prompts, tokens, depth, 0, segment_len)
     with _progress() as progress:
         task = progress.add_task("needle and twin", total=tokens * samples)
         with reported("--depth"):  # another key's needle may be a token longer
