@@ -6,7 +6,6 @@ Every run is the tiny recipe through the real CLI, shrunk with --set to seconds 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from infinitrain.cli import app
+from infinitrain.evaluation.training_log import TrainingLog
 
 REPO = Path(__file__).resolve().parent.parent
 INFINITRAIN = Path(sys.executable).with_name("infinitrain")
@@ -62,13 +62,10 @@ def subprocess_env() -> dict[str, str]:
 
 
 def losses(out_dir: Path) -> dict[int, float]:
-    """Logged loss per optimizer step over every invocation of a run."""
-    found = {}
-    for path in sorted((out_dir / "logs" / "csv").glob("*/metrics.csv")):
-        with path.open() as rows:
-            found |= {int(row["step"]): float(row["loss"]) for row in csv.DictReader(rows)
-                      if row.get("loss")}
-    return found
+    """Logged loss per optimizer step over every invocation of a run, read back the way
+    `infinitrain inspect training` reads it."""
+    steps, (loss,) = TrainingLog.read(out_dir).points("loss")
+    return dict(zip(steps, loss, strict=True))
 
 
 def checkpoint(out_dir: Path, step: int) -> Path:

@@ -15,11 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CSV_LOGS = Path("logs") / "csv"
-"""Where the CSV logger writes under a run's out_dir (training/run.py: LOG_DIR, name="csv");
-spelled out here so reading logs does not import the trainer."""
+LOG_DIR = Path("logs")
+"""Where a run's loggers write, under its out_dir (the trainer imports this layout from here, so
+reading logs back never imports the trainer)."""
+CSV_NAME = "csv"
+CSV_LOGS = LOG_DIR / CSV_NAME
 
 _FOLDER = re.compile(r"from-step-(\d+)")
+
+
+def csv_version(start_step: int) -> str:
+    """The CSV log folder of the invocation that starts at ``start_step``."""
+    return f"from-step-{start_step:08d}"
 _GATE_MEAN = re.compile(r"gates/(layer_\d+)/mean")
 
 

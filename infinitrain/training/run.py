@@ -13,6 +13,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from ..data import Tokenizer, load_tokenizer
+from ..evaluation.training_log import CSV_NAME, LOG_DIR, csv_version
 from ..inference.loading import resolve_model_path
 from ..model import InfiniTransformer, ModelConfig
 from ..model_dir import tokenizer_path
@@ -33,8 +34,6 @@ from .progress import StepProgressBar, TextProgress
 from .saving import CheckpointWriter
 from .strategy import Plan, plan
 from .weights import check_init
-
-LOG_DIR = "logs"
 
 
 @dataclass
@@ -89,8 +88,8 @@ def loggers(logging: LoggingSection, out_dir: Path, name: str, start_step: int) 
         chosen.append(TensorBoardLogger(out_dir / LOG_DIR, name="tensorboard", version="",
                                         default_hp_metric=False))
     if logging.csv:
-        chosen.append(CSVLogger(out_dir / LOG_DIR, name="csv",
-                                version=f"from-step-{start_step:08d}"))
+        chosen.append(CSVLogger(out_dir / LOG_DIR, name=CSV_NAME,
+                                version=csv_version(start_step)))
     if logging.wandb:
         try:
             from lightning.pytorch.loggers import WandbLogger
