@@ -35,6 +35,7 @@ from ..data.passkey import PasskeyGenerator, PasskeySample
 from ..data.tokenizer import Tokenizer
 from ..inference.stream import ProgressFn
 from ..model import InfiniState, InfiniTransformer
+from .passkey import prompt_seed
 
 METRICS = ("trace", "memory_norm", "z_norm", "change")
 """Per-sample values, each [segments, layers, kv heads], in :class:`SampleTrace`."""
@@ -217,18 +218,13 @@ class NeedleTraceResult:
         }
 
 
-def sample_seed(seed: int, length: int, index: int) -> int:
-    """The seed ``eval passkey`` gives the ``index``-th prompt of its first depth at ``length``,
-    so the keys traced here are the ones that evaluation scored."""
-    return int(np.random.default_rng([seed, length, 0, index]).integers(2**62))
-
-
 def needle_trace(model: InfiniTransformer, tokenizer: Tokenizer, length: int, depth: float,
                  samples: int, seed: int = 0,
                  on_progress: ProgressFn | None = None) -> NeedleTraceResult:
     """Trace ``samples`` needles (one key each) through ``length``-token prompts at ``depth``."""
     generator = PasskeyGenerator(tokenizer)
-    traces = [trace_sample(model, generator, length, depth, sample_seed(seed, length, i),
+    # the keys `eval passkey --seed` scores at this length for its first depth
+    traces = [trace_sample(model, generator, length, depth, prompt_seed(seed, length, 0, i),
                            on_progress) for i in range(samples)]
     config = model.config
     return NeedleTraceResult.of(traces, length, depth, config.segment_len, config.memory_rule)

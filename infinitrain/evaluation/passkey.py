@@ -99,6 +99,12 @@ class PasskeyResult:
         }
 
 
+def prompt_seed(seed: int, length: int, depth_index: int, index: int) -> int:
+    """The seed of the ``index``-th prompt at ``length`` and the ``depth_index``-th depth: each
+    cell's keys are fixed by the evaluation seed alone, whatever else is evaluated beside it."""
+    return int(np.random.default_rng([seed, length, depth_index, index]).integers(2**62))
+
+
 def evaluate_passkey(model: InfiniTransformer, tokenizer: Tokenizer, settings: PasskeySettings,
                      on_progress: ProgressFn | None = None) -> PasskeyResult:
     """Every length × depth × sample, shortest length first."""
@@ -114,8 +120,8 @@ def evaluate_passkey(model: InfiniTransformer, tokenizer: Tokenizer, settings: P
         with PeakMemory(device) as peak:
             for d, depth in enumerate(settings.depths):
                 for i in range(settings.samples):
-                    seed = np.random.default_rng([settings.seed, length, d, i]).integers(2**62)
-                    sample = prompts.sample(length, depth, seed=int(seed))
+                    sample = prompts.sample(length, depth,
+                                            seed=prompt_seed(settings.seed, length, d, i))
                     out = generate(model, sample.prompt_ids, None, config, on_progress)
                     text = tokenizer.decode(out.tokens)
                     result.trials.append(PasskeyTrial(length, depth, sample.key, text,
