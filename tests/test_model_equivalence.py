@@ -13,10 +13,12 @@ from infinitrain.model.attention import InfiniAttention
 
 
 def small_config(rule: str = "delta", **overrides):
-    """``rule`` is a memory rule, or "deltanet-gated" for deltanet with the write gate."""
+    """``rule`` is a memory rule, or "deltanet-gated" for deltanet with the write gate, or
+    "deltanet-signed" for deltanet with signed features."""
+    base, _, variant = rule.partition("-")
     values = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                  segment_len=8, memory_rule=rule.removesuffix("-gated"),
-                  memory_write_gate=rule.endswith("-gated"))
+                  segment_len=8, memory_rule=base, memory_write_gate=variant == "gated",
+                  memory_features="signed" if variant == "signed" else "elu")
     values.update(overrides)
     return preset("tiny", **values)
 
@@ -43,7 +45,7 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
     deltanet = rule.startswith("deltanet")
 
     def sigma(t):
-        features = F.elu(t) + 1
+        features = t if cfg.memory_features == "signed" else F.elu(t) + 1
         return features / features.norm(dim=-1, keepdim=True) if deltanet else features
 
     def write_strength(k, kv):  # β_t from the raw key; 1 without the write gate
@@ -92,7 +94,7 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
     return out.reshape(batch, length, -1) @ attn.o_proj.weight.T
 
 
-RULES = ["linear", "delta", "deltanet", "deltanet-gated"]
+RULES = ["linear", "delta", "deltanet", "deltanet-gated", "deltanet-signed"]
 
 
 @pytest.mark.parametrize("rule", RULES)

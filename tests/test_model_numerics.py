@@ -181,7 +181,9 @@ def test_state_round_trips_through_safetensors(tmp_path) -> None:
     ("overrides", "field"),
     [({"n_kv_heads": 3}, "n_kv_heads"), ({"memory_rule": "gated"}, "memory_rule"),
      ({"segment_len": 0}, "segment_len"), ({"d_model": -4}, "d_model"),
-     ({"rope_theta": 0.0}, "rope_theta"), ({"memory_write_gate": True}, "memory_write_gate")],
+     ({"rope_theta": 0.0}, "rope_theta"), ({"memory_write_gate": True}, "memory_write_gate"),
+     ({"memory_features": "relu"}, "memory_features"),
+     ({"memory_features": "signed"}, "memory_features")],
 )
 def test_invalid_config_names_the_field(overrides, field) -> None:
     with pytest.raises(ConfigError, match=f"model.{field}"):

@@ -143,13 +143,13 @@ class InfiniAttention(nn.Module):
             apply_rope(k.reshape(b * s, n, -1, d), positions, inv_freq),
             v.reshape(b * s, n, -1, d),
         ).reshape(b, t, h_q, d)
-        rule = self.config.memory_rule
-        sigma_q = group_queries(feature_map(q, rule).view(b, s, n, h_q, d), k.shape[2])
+        rule, features = self.config.memory_rule, self.config.memory_features
+        sigma_q = group_queries(feature_map(q, rule, features).view(b, s, n, h_q, d), k.shape[2])
         strength = self.write_strength(k)
         if strength is not None:
             strength = by_kv_head(strength.unsqueeze(-1), s).squeeze(-1)
         retrieved, memory, norm = scan(
-            sigma_q, by_kv_head(feature_map(k, rule), s), by_kv_head(v, s),
+            sigma_q, by_kv_head(feature_map(k, rule, features), s), by_kv_head(v, s),
             state.memory, state.norm, rule, reset, strength,
         )
         new_state = LayerState(memory, norm, state.keys, state.values)
@@ -175,13 +175,13 @@ class InfiniAttention(nn.Module):
             apply_rope(keys, positions, inv_freq),
             values,
         )
-        rule = self.config.memory_rule
-        sigma_q = group_queries(feature_map(q, rule).unsqueeze(1), k.shape[2])
+        rule, features = self.config.memory_rule, self.config.memory_features
+        sigma_q = group_queries(feature_map(q, rule, features).unsqueeze(1), k.shape[2])
         retrieved = retrieve(sigma_q[:, 0], memory, norm, rule).unsqueeze(1)
         if total == self.config.segment_len:
             strength = self.write_strength(keys)
-            memory, norm = update(feature_map(keys, rule).transpose(1, 2), values.transpose(1, 2),
-                                  memory, norm, rule,
+            memory, norm = update(feature_map(keys, rule, features).transpose(1, 2),
+                                  values.transpose(1, 2), memory, norm, rule,
                                   None if strength is None else strength.transpose(1, 2))
             keys, values = keys[:, :0], values[:, :0]
         return (local, ungroup_queries(retrieved, length)), LayerState(memory, norm, keys, values)

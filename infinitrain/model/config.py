@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 MEMORY_RULES = ("linear", "delta", "deltanet")
+MEMORY_FEATURES = ("elu", "signed")
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,10 @@ class ModelConfig:
     """'linear' (M += σ(K)ᵀV) or 'delta' (M += σ(K)ᵀ(V − retrieved)), the paper's rules; or
     'deltanet', a length-robust variant (unit-norm features, unnormalised read, token-sequential
     delta rule; see model/memory.py)."""
+    memory_features: str = "elu"
+    """Feature map of queries and keys into memory: 'elu', the paper's σ(x) = ELU(x) + 1; or
+    'signed' ('deltanet' only), x / ‖x‖ as in DeltaNet: signed, so a needle's key can be orthogonal
+    to every filler key and survive their writes, where positive features always overlap."""
     memory_write_gate: bool = False
     """'deltanet' only: each token writes with a learned strength β_t = sigmoid(k_t·w + b) per
     key/value head (DeltaNet's β), so filler can write weakly and leave older facts in place."""
@@ -67,6 +72,13 @@ class ModelConfig:
         if self.memory_rule not in MEMORY_RULES:
             raise ConfigError(f"model.memory_rule = {self.memory_rule!r}: must be one of "
                               f"{', '.join(MEMORY_RULES)}")
+        if self.memory_features not in MEMORY_FEATURES:
+            raise ConfigError(f"model.memory_features = {self.memory_features!r}: must be one of "
+                              f"{', '.join(MEMORY_FEATURES)}")
+        if self.memory_features == "signed" and self.memory_rule != "deltanet":
+            raise ConfigError(f"model.memory_features = 'signed' needs model.memory_rule = "
+                              f"'deltanet', not {self.memory_rule!r}: the paper's read divides by "
+                              "σ(q)·z, which only positive features keep above zero")
         if self.memory_write_gate and self.memory_rule != "deltanet":
             raise ConfigError(f"model.memory_write_gate = true needs model.memory_rule = "
                               f"'deltanet', not {self.memory_rule!r}: the paper's rules write "

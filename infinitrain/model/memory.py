@@ -38,13 +38,14 @@ def float32(fn: F_) -> F_:
     return wrapper  # type: ignore[return-value]
 
 
-def feature_map(x: Tensor, rule: str) -> Tensor:
+def feature_map(x: Tensor, rule: str, features: str = "elu") -> Tensor:
     """σ(x) = ELU(x) + 1, strictly positive so σ(q)·z > 0 once anything has been written;
-    scaled to unit norm for ``deltanet``, which keeps each token's write a projection."""
-    features = F.elu(x.float()) + 1.0
+    scaled to unit norm for ``deltanet``, which keeps each token's write a projection.
+    ``features='signed'`` (``deltanet`` only) skips the ELU: x / ‖x‖."""
+    mapped = x.float() if features == "signed" else F.elu(x.float()) + 1.0
     if rule == "deltanet":
-        return features / features.norm(dim=-1, keepdim=True)
-    return features
+        return mapped / mapped.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return mapped
 
 
 @float32
