@@ -6,6 +6,7 @@ import itertools
 import json
 
 import pytest
+import torch
 
 from infinitrain.data import (
     DataSourceError,
@@ -116,3 +117,29 @@ def test_mixture_follows_the_weights(data_tokenizer, data_kjv_snippets):
     from_passkey = state["cursors"][1][1]  # passkey positions read = documents drawn from it
     assert state["draws"] > 200
     assert 0.15 < from_passkey / state["draws"] < 0.35
+
+
+def test_a_curriculum_switches_sources_at_their_steps_and_resumes_there(data_tokenizer):
+    """Short prompts until step 3, long ones from step 3 on, 2 windows per step (accumulation):
+    every document starts within its source's steps, and a restored position continues exactly."""
+    short = SourceConfig(kind="passkey", passkey_length=100, until_step=3)
+    long = SourceConfig(kind="passkey", passkey_length=300, from_step=3, weight=2.0)
+    config = StreamConfig(streams=2, segment_len=32, segments_per_window=4, windows_per_step=2)
+
+    def windows():
+        return build_streams([short, long], config, data_tokenizer)
+
+    started_at: list[set[int]] = [set(), set()]  # steps in which each source started documents
+    read = [0, 0]
+    for index, window in enumerate(itertools.islice(windows(), 16)):
+        for source, (_, position, _) in enumerate(window.position["cursors"]):
+            if position > read[source]:
+                started_at[source].add(index // 2)
+            read[source] = position
+    assert started_at[0] == {0, 1, 2}
+    assert started_at[1] and min(started_at[1]) == 3
+    expected = list(itertools.islice(windows(), 12))
+    resumed = windows()
+    resumed.load_state_dict(expected[4].position)
+    for got, want in zip(itertools.islice(resumed, 7), expected[5:], strict=True):
+        assert torch.equal(got.input_ids, want.input_ids)

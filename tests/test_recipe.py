@@ -97,6 +97,10 @@ BAD_RECIPES = {
     "missing section": (lambda r: r.pop("train"), "train: missing; expected a mapping"),
     "bad source": (lambda r: r["data"]["sources"][0].update(kind="passkey"),
                    "data.sources.0: kind = 'passkey' generates its documents"),
+    "curriculum gap": (lambda r: r["data"]["sources"][0].update(from_step=10),
+                       "data.sources: no source is active at step 0"),
+    "empty step range": (lambda r: r["data"]["sources"][0].update(from_step=5, until_step=5),
+                         "until_step = 5: must be > from_step = 5"),
 }
 
 

@@ -59,6 +59,12 @@ class SourceConfig:
     rows already consumed in that epoch."""
     weight: float = 1.0
     """Relative probability that a stream's next document comes from this source (mixtures)."""
+    from_step: int = 0
+    """First optimizer step whose new documents may come from this source (curricula)."""
+    until_step: int | None = None
+    """Step from which this source no longer starts documents (null: never stops). With
+    from_step, a mixture can change during a run: e.g. short prompts until a skill forms, then
+    long ones."""
     min_tokens: int = 0
     """Skip documents (books, for booksum) with fewer tokens; the paper keeps books > 4K tokens."""
     max_input_tokens: int | None = None
@@ -120,12 +126,21 @@ class SourceConfig:
             raise DataSourceError(f"truncate = {self.truncate!r}: must be 'start' or 'middle'")
         if not self.weight > 0:
             raise DataSourceError(f"weight = {self.weight!r}: must be > 0")
+        if self.from_step < 0:
+            raise DataSourceError(f"from_step = {self.from_step!r}: must be >= 0")
+        if self.until_step is not None and self.until_step <= self.from_step:
+            raise DataSourceError(f"until_step = {self.until_step!r}: must be > from_step = "
+                                  f"{self.from_step} (or null: never stops)")
         if self.min_tokens < 0:
             raise DataSourceError(f"min_tokens = {self.min_tokens!r}: must be >= 0")
         for name in ("passkey_length", "max_input_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise DataSourceError(f"{name} = {value!r}: must be > 0")
+
+    def active_at(self, step: int) -> bool:
+        """Whether documents started at optimizer step ``step`` may come from this source."""
+        return self.from_step <= step and (self.until_step is None or step < self.until_step)
 
     @property
     def label(self) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -48,9 +48,11 @@ class StreamConfig:
     seed: int = 0
     """Seed of the document order and of the mixture draws; together with rank and world size it
     fixes every window."""
+    windows_per_step: int = 1
+    """Windows per optimizer step (gradient accumulation), to place windows in a curriculum."""
 
     def __post_init__(self) -> None:
-        for name in ("streams", "segment_len", "segments_per_window"):
+        for name in ("streams", "segment_len", "segments_per_window", "windows_per_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} = {value!r}: must be a positive integer")
@@ -115,7 +117,10 @@ class DocumentStreams(IterableDataset):
     """
 
     def __init__(self, sources: Sequence[DocumentSource], config: StreamConfig, pad_id: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1,
+                 active: Callable[[int, int], bool] | None = None) -> None:
+        """``active(source_index, step)``: whether a document started at optimizer step ``step``
+        may come from that source (a curriculum); None: every source always."""
         if not sources:
             raise DataSourceError("no data sources configured")
         if not 0 <= rank < world_size:
@@ -124,8 +129,7 @@ class DocumentStreams(IterableDataset):
         self.config = config
         self.pad_id = pad_id
         self.rank, self.world_size = rank, world_size
-        weights = np.array([s.weight for s in self.sources], dtype=np.float64)
-        self.probabilities = weights / weights.sum()
+        self.active = active
         self.windows = 0
         self.draws = 0
         self.cursors = [_Cursor() for _ in self.sources]
@@ -164,11 +168,18 @@ class DocumentStreams(IterableDataset):
         return Window(input_ids, labels, reset, position=self.state_dict())
 
     def _draw_source(self) -> int:
-        """Which source the next document comes from: a weighted draw fixed by (seed, rank, n)."""
-        if len(self.sources) == 1:
-            return 0
+        """Which source the next document comes from: a weighted draw over the sources active at
+        this step, fixed by (seed, rank, n)."""
+        step = self.windows // self.config.windows_per_step
+        weights = np.array([source.weight if self.active is None or self.active(i, step) else 0.0
+                            for i, source in enumerate(self.sources)])
+        if not weights.any():
+            raise DataSourceError(f"no data source is active at step {step}: every source's "
+                                  "from_step/until_step excludes it")
+        if np.count_nonzero(weights) == 1:
+            return int(np.flatnonzero(weights)[0])
         rng = np.random.default_rng([self.config.seed, self.rank, self.draws])
-        return int(rng.choice(len(self.sources), p=self.probabilities))
+        return int(rng.choice(len(self.sources), p=weights / weights.sum()))
 
     def _start_document(self) -> _Slot:
         index = self._draw_source()

@@ -88,10 +88,10 @@ class DataSection:
             if getattr(self, name) < 1:
                 raise field_error(f"data.{name}", getattr(self, name), "must be >= 1")
 
-    def stream_config(self, segment_len: int, seed: int) -> StreamConfig:
+    def stream_config(self, segment_len: int, seed: int, windows_per_step: int) -> StreamConfig:
         return StreamConfig(streams=self.streams, segment_len=segment_len,
                             segments_per_window=self.window_tokens // segment_len,
-                            mode=self.mode, seed=seed)
+                            mode=self.mode, seed=seed, windows_per_step=windows_per_step)
 
 
 @dataclass
@@ -246,6 +246,13 @@ class Recipe:
             raise field_error("data.window_tokens", window,
                               f"must be a multiple of model.segment_len = {segment} "
                               "(a window is whole segments)")
+        for step in sorted({0, *(s.from_step for s in self.data.sources),
+                            *(s.until_step or 0 for s in self.data.sources)}):
+            if step < self.train.max_steps and not any(s.active_at(step)
+                                                       for s in self.data.sources):
+                raise RecipeError(f"data.sources: no source is active at step {step}; give some "
+                                  f"source from_step <= {step} < until_step, so every step "
+                                  "has data")
         if self.optim.warmup_steps > self.train.max_steps:
             raise field_error("optim.warmup_steps", self.optim.warmup_steps,
                               f"must be <= train.max_steps = {self.train.max_steps}")

@@ -28,7 +28,8 @@ class StreamData(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         recipe, trainer = self.recipe, self.trainer
-        config = recipe.data.stream_config(recipe.model_config.segment_len, recipe.train.seed)
+        config = recipe.data.stream_config(recipe.model_config.segment_len, recipe.train.seed,
+                                           recipe.train.accumulate)
         streams = build_streams(recipe.data.sources, config, self.tokenizer, trainer.global_rank,
                                 trainer.world_size)
         if self.resume_from is not None:
