@@ -195,3 +195,14 @@ def test_unknown_preset_and_field_are_rejected() -> None:
         preset("70b")
     with pytest.raises(ConfigError, match=r"model\.n_head: unknown field"):
         type(preset("tiny")).from_dict({**preset("tiny").to_dict(), "n_head": 4})
+
+
+def test_write_gate_starts_at_its_configured_strength() -> None:
+    """write_gate_init sets every token's write strength before training, in a fresh model and
+    after reset_parameters (the path a checkpoint-free run takes)."""
+    model = InfiniTransformer(small_config(memory_rule="deltanet", memory_write_gate=True,
+                                           write_gate_init=-4.0))
+    keys = torch.randn(5, 2, model.config.head_dim)
+    for layer in model.layers:
+        strength = layer.attn.write_strength(keys)
+        assert torch.allclose(strength, torch.sigmoid(torch.tensor(-4.0)).expand(5, 2))

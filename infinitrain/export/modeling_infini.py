@@ -81,7 +81,7 @@ class InfiniForCausalLM(PreTrainedModel, GenerationMixin):
             init.constant_(module.gate, self.config.gate_init)
             if self.config.memory_write_gate:
                 init.zeros_(module.write_weight)
-                init.zeros_(module.write_bias)
+                init.constant_(module.write_bias, self.config.write_gate_init)
 
     def forward(self, input_ids: Tensor, past_key_values: InfiniCache | None = None,
                 attention_mask: Tensor | None = None, labels: Tensor | None = None,

@@ -83,7 +83,7 @@ class InfiniAttention(nn.Module):
         """β per query head: sigmoid(β) weighs memory against local attention."""
         if config.memory_write_gate:
             self.write_weight = nn.Parameter(torch.zeros(h_kv, d))
-            self.write_bias = nn.Parameter(torch.zeros(h_kv))
+            self.write_bias = nn.Parameter(torch.full((h_kv,), float(config.write_gate_init)))
             """Write strength sigmoid(k_t·w + b) per key/value head, from the token's own key."""
 
     def forward(self, x: Tensor, state: LayerState, reset: Tensor | None = None,

@@ -41,6 +41,10 @@ class ModelConfig:
     memory_write_gate: bool = False
     """'deltanet' only: each token writes with a learned strength β_t = sigmoid(k_t·w + b) per
     key/value head (DeltaNet's β), so filler can write weakly and leave older facts in place."""
+    write_gate_init: float = 0.0
+    """Initial bias b of the write gate: sigmoid(b) is every token's write strength before
+    training. Negative (−4: 0.018) starts the memory writing weakly, so filler piles up slowly
+    and the model learns to raise β_t for what it must keep."""
     gate_init: float = 0.0
     """Initial β of every head; sigmoid(0) = 0.5 mixes memory and local attention equally."""
     rope_theta: float = 500_000.0

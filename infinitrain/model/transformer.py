@@ -57,7 +57,7 @@ class InfiniTransformer(nn.Module):
                 nn.init.constant_(module.gate, self.config.gate_init)
                 if self.config.memory_write_gate:
                     nn.init.zeros_(module.write_weight)
-                    nn.init.zeros_(module.write_bias)
+                    nn.init.constant_(module.write_bias, self.config.write_gate_init)
 
     def empty_state(self, batch_size: int, device: torch.device | str | None = None) -> InfiniState:
         weight = self.embed_tokens.weight

@@ -24,7 +24,8 @@ SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "f
                 "head_dim", "tie_embeddings", "memory_write_gate")
 """ModelConfig fields that decide which weights exist and their shapes; the others (segment
 length, memory rule, RoPE base, ...) may change when continuing from a checkpoint, with a warning
-(gate_init only matters for random weights)."""
+(gate_init and write_gate_init only matter for random weights)."""
+INIT_ONLY_FIELDS = ("gate_init", "write_gate_init")
 
 
 def is_partitioned(parameter: Tensor) -> bool:
@@ -58,7 +59,7 @@ def check_init(path: str | Path, config: ModelConfig) -> Path:
                           f"(checkpoint vs recipe: {', '.join(differences)})")
     changed = [f"{name} {value!r} → {getattr(config, name)!r}"
                for name, value in saved.to_dict().items()
-               if name not in (*SHAPE_FIELDS, "gate_init") and value != getattr(config, name)]
+               if name not in (*SHAPE_FIELDS, *INIT_ONLY_FIELDS) and value != getattr(config, name)]
     if changed:
         warnings.warn(f"model.init = {path}: training with the recipe's {', '.join(changed)}",
                       stacklevel=2)
