@@ -108,6 +108,18 @@ def test_passkey_lengths_can_vary_within_a_range(data_tokenizer):
         SourceConfig(kind="passkey", passkey_length_min=400, passkey_length=363)
 
 
+def test_passkey_lengths_on_a_segment_grid_end_on_boundaries(data_tokenizer):
+    config = SourceConfig(kind="passkey", passkey_length_min=256, passkey_length=1100,
+                          passkey_length_step=64)
+    source = build_source(config, data_tokenizer)
+    docs = list(itertools.islice(source.epoch(rank=0, world_size=1, epoch=0, seed=0), 40))
+    lengths = {len(doc) - doc.num_targets for doc in docs}
+    assert all(length % 64 == 0 and 256 <= length <= 1088 for length in lengths)
+    assert len(lengths) > 8
+    with pytest.raises(ValueError, match="passkey_length_step = 0"):
+        SourceConfig(kind="passkey", passkey_length_step=0)
+
+
 def test_too_short_length_is_refused(data_tokenizer):
     with pytest.raises(ValueError, match="passkey length = 40 tokens: too short"):
         PasskeyGenerator(data_tokenizer).sample(40, 0.5, seed=0)

@@ -96,14 +96,15 @@ class PasskeyGenerator:
 
 
 class PasskeySource(DocumentSource):
-    """Endless passkey fine-tuning documents: lengths uniform in ``lengths`` (inclusive), depths
-    uniform in [depth_min, depth_max]."""
+    """Endless passkey fine-tuning documents: lengths uniform over ``lengths[0]``, + step, … up
+    to ``lengths[1]``, depths uniform in [depth_min, depth_max]."""
 
     def __init__(self, generator: PasskeyGenerator, lengths: tuple[int, int], depth_min: float,
-                 depth_max: float, label: str, weight: float) -> None:
+                 depth_max: float, label: str, weight: float, length_step: int = 1) -> None:
         super().__init__(label, weight)
         self.generator = generator
         self.lengths = lengths
+        self.length_step = length_step
         self.depth_min, self.depth_max = depth_min, depth_max
         generator.sample(lengths[0], depth_min, seed=0)  # fail now if a length cannot hold a prompt
 
@@ -113,7 +114,8 @@ class PasskeySource(DocumentSource):
         while True:  # synthetic: an epoch never ends, every position is a fresh sample
             rng = np.random.default_rng([seed, world_size, rank, epoch, position])
             depth = float(rng.uniform(self.depth_min, self.depth_max))
-            length = int(rng.integers(self.lengths[0], self.lengths[1] + 1))
+            steps = (self.lengths[1] - self.lengths[0]) // self.length_step
+            length = self.lengths[0] + self.length_step * int(rng.integers(steps + 1))
             sample = self.generator.sample(length, depth, seed=int(rng.integers(2**62)))
             yield sample.to_document(self.generator.tokenizer.eos_id)
             position += 1
