@@ -30,16 +30,17 @@ TEXT = "It is a truth universally acknowledged, that a single man in possession 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_run(run: Path, tie: bool = True, vocab_size: int = 4096) -> Path:
+def write_run(run: Path, tie: bool = True, vocab_size: int = 4096, **overrides) -> Path:
     """A training run's layout: run/step-00000010/ (model directory, tokenizer, recipe) and
     run/latest. Gates differ per head, so the memory visibly matters."""
     torch.manual_seed(0)
     config = preset("tiny", vocab_size=vocab_size, d_model=32, ffn_dim=64, segment_len=SEGMENT,
-                    tie_embeddings=tie)
+                    tie_embeddings=tie, **overrides)
     model = InfiniTransformer(config)
     with torch.no_grad():
         for block in model.layers:
-            block.attn.gate.normal_(0, 2)
+            if block.attn.has_memory:
+                block.attn.gate.normal_(0, 2)
     step = save_model_dir(model, run / "step-00000010")
     load_tokenizer(REPO / "data" / "tokenizer").save(step / "tokenizer")
     (step / "recipe.yaml").write_text(RECIPE)
@@ -206,8 +207,10 @@ def test_load_exported_is_exact_and_declines_other_directories(exported, core, r
     assert load_exported(run_dir / "step-00000010", torch.device("cpu"), torch.float32) is None
 
 
-def test_untied_model_round_trips(tmp_path):
-    step = write_run(tmp_path / "run", tie=False)
+@pytest.mark.parametrize("variant", [{"tie": False}, {"memory_from_layer": 1}],
+                         ids=["untied", "local-only first layer"])
+def test_model_variants_round_trip(tmp_path, variant):
+    step = write_run(tmp_path / "run", **variant)
     assert export(step, tmp_path / "hf").exit_code == 0
     from transformers import AutoModelForCausalLM
 

@@ -13,12 +13,14 @@ from infinitrain.model.attention import InfiniAttention
 
 
 def small_config(rule: str = "delta", **overrides):
-    """``rule`` is a memory rule, or "deltanet-gated" for deltanet with the write gate, or
-    "deltanet-signed" for deltanet with signed features."""
+    """``rule`` is a memory rule, or "deltanet-gated" for deltanet with the write gate,
+    "deltanet-signed" for deltanet with signed features, "deltanet-local0" for deltanet with a
+    local-only first layer."""
     base, _, variant = rule.partition("-")
     values = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                   segment_len=8, memory_rule=base, memory_write_gate=variant == "gated",
-                  memory_features="signed" if variant == "signed" else "elu")
+                  memory_features="signed" if variant == "signed" else "elu",
+                  memory_from_layer=int(variant == "local0"))
     values.update(overrides)
     return preset("tiny", **values)
 
@@ -95,6 +97,8 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
 
 
 RULES = ["linear", "delta", "deltanet", "deltanet-gated", "deltanet-signed"]
+MODEL_RULES = [*RULES, "deltanet-local0"]
+"""Model-level variants: memory_from_layer changes which layers have memory, not one layer."""
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -124,7 +128,7 @@ def chunked_forward(model, ids, sizes, reset=None):
     return torch.cat(logits, dim=1), state
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", MODEL_RULES)
 def test_chunk_invariance_of_logits_state_and_gradients(rule: str) -> None:
     torch.manual_seed(1)
     model = InfiniTransformer(small_config(rule))
@@ -152,7 +156,7 @@ def test_chunk_invariance_of_logits_state_and_gradients(rule: str) -> None:
             assert torch.allclose(grad, full_grads[name], atol=1e-5), name
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", MODEL_RULES)
 def test_token_by_token_equals_full_forward_across_segment_boundaries(rule: str) -> None:
     torch.manual_seed(2)
     model = InfiniTransformer(small_config(rule)).eval()
@@ -165,6 +169,28 @@ def test_token_by_token_equals_full_forward_across_segment_boundaries(rule: str)
     assert (full - ragged).abs().max() <= 1e-5
     assert full_state.partial_len == ragged_state.partial_len == 5
     assert torch.allclose(full_state.layers[1].memory, ragged_state.layers[1].memory, atol=1e-5)
+
+
+def test_local_only_layers_equal_a_memory_layer_gated_shut() -> None:
+    """Below memory_from_layer a layer is local attention only: the same output as a memory layer
+    whose gates are shut, no gate parameter, and a memory that stays empty."""
+    torch.manual_seed(5)
+    local_first = InfiniTransformer(small_config("deltanet-local0")).eval()
+    reference = InfiniTransformer(small_config("deltanet")).eval()
+    assert not hasattr(local_first.layers[0].attn, "gate")
+    with torch.no_grad():
+        reference.layers[0].attn.gate.fill_(-1e4)  # sigmoid = 0: local attention only
+        reference.layers[1].attn.gate.normal_(0, 2)
+        reference.load_state_dict(local_first.state_dict() | {
+            "layers.0.attn.gate": reference.layers[0].attn.gate,
+            "layers.1.attn.gate": reference.layers[1].attn.gate})
+        local_first.layers[1].attn.gate.copy_(reference.layers[1].attn.gate)
+        ids = torch.randint(0, 97, (2, 3 * local_first.config.segment_len + 3))
+        ours, state = local_first(ids)
+        theirs, _ = reference(ids)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert state.layers[0].memory.abs().sum() == 0 and state.layers[1].memory.abs().sum() > 0
+    assert local_first.memory_gates()[0].abs().sum() == 0
 
 
 def test_reset_equals_starting_a_fresh_stream() -> None:

@@ -183,6 +183,7 @@ def test_state_round_trips_through_safetensors(tmp_path) -> None:
      ({"segment_len": 0}, "segment_len"), ({"d_model": -4}, "d_model"),
      ({"rope_theta": 0.0}, "rope_theta"), ({"memory_write_gate": True}, "memory_write_gate"),
      ({"memory_features": "relu"}, "memory_features"),
+     ({"memory_from_layer": 2}, "memory_from_layer"),
      ({"memory_features": "signed"}, "memory_features")],
 )
 def test_invalid_config_names_the_field(overrides, field) -> None:

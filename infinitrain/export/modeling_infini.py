@@ -76,7 +76,7 @@ class InfiniForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module) -> None:
         super()._init_weights(module)
-        if isinstance(module, InfiniAttention):
+        if isinstance(module, InfiniAttention) and module.has_memory:
             # from_pretrained builds the model on the meta device: set β where the file lacks it.
             init.constant_(module.gate, self.config.gate_init)
             if self.config.memory_write_gate:

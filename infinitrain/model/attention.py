@@ -71,14 +71,19 @@ def by_kv_head(x: Tensor, segments: int) -> Tensor:
 
 
 class InfiniAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, has_memory: bool = True) -> None:
         super().__init__()
         self.config = config
+        self.has_memory = has_memory
+        """False: local attention only (below model.memory_from_layer); the state's memory stays
+        empty and there is no gate."""
         d, h_q, h_kv = config.head_dim, config.n_heads, config.n_kv_heads
         self.q_proj = nn.Linear(config.d_model, h_q * d, bias=False)
         self.k_proj = nn.Linear(config.d_model, h_kv * d, bias=False)
         self.v_proj = nn.Linear(config.d_model, h_kv * d, bias=False)
         self.o_proj = nn.Linear(h_q * d, config.d_model, bias=False)
+        if not has_memory:
+            return
         self.gate = nn.Parameter(torch.full((h_q,), float(config.gate_init)))
         """β per query head: sigmoid(β) weighs memory against local attention."""
         if config.memory_write_gate:
@@ -115,8 +120,9 @@ class InfiniAttention(nn.Module):
             out, state = self._partial(q[:, tail], k[:, tail], v[:, tail], state, tail_reset)
             outputs.append(out)
 
-        local, retrieved = (torch.cat(parts, dim=1) for parts in zip(*outputs, strict=True))
-        if use_memory:
+        local, retrieved = (torch.cat(parts, dim=1) if parts[0] is not None else None
+                            for parts in zip(*outputs, strict=True))
+        if use_memory and self.has_memory:
             g = torch.sigmoid(self.gate.float())[:, None]
             mixed = g * retrieved + (1 - g) * local.float()
         else:
@@ -131,7 +137,7 @@ class InfiniAttention(nn.Module):
                              + self.write_bias.float())
 
     def _segments(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState,
-                  reset: Tensor | None) -> tuple[tuple[Tensor, Tensor], LayerState]:
+                  reset: Tensor | None) -> tuple[tuple[Tensor, Tensor | None], LayerState]:
         """A run of S whole segments: local attention batched over segments, memory scanned."""
         b, t, h_q, d = q.shape
         n = self.config.segment_len
@@ -143,6 +149,8 @@ class InfiniAttention(nn.Module):
             apply_rope(k.reshape(b * s, n, -1, d), positions, inv_freq),
             v.reshape(b * s, n, -1, d),
         ).reshape(b, t, h_q, d)
+        if not self.has_memory:
+            return (local, None), state
         rule, features = self.config.memory_rule, self.config.memory_features
         sigma_q = group_queries(feature_map(q, rule, features).view(b, s, n, h_q, d), k.shape[2])
         strength = self.write_strength(k)
@@ -156,7 +164,7 @@ class InfiniAttention(nn.Module):
         return (local, ungroup_queries(retrieved, n)), new_state
 
     def _partial(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState,
-                 reset: Tensor | None) -> tuple[tuple[Tensor, Tensor], LayerState]:
+                 reset: Tensor | None) -> tuple[tuple[Tensor, Tensor | None], LayerState]:
         """Tokens within one segment that the state already holds a prefix of (maybe empty).
 
         Queries attend to the cached prefix; the segment is folded into memory once complete.
@@ -175,13 +183,18 @@ class InfiniAttention(nn.Module):
             apply_rope(keys, positions, inv_freq),
             values,
         )
-        rule, features = self.config.memory_rule, self.config.memory_features
-        sigma_q = group_queries(feature_map(q, rule, features).unsqueeze(1), k.shape[2])
-        retrieved = retrieve(sigma_q[:, 0], memory, norm, rule).unsqueeze(1)
-        if total == self.config.segment_len:
-            strength = self.write_strength(keys)
-            memory, norm = update(feature_map(keys, rule, features).transpose(1, 2),
-                                  values.transpose(1, 2), memory, norm, rule,
-                                  None if strength is None else strength.transpose(1, 2))
+        complete = total == self.config.segment_len
+        retrieved = None
+        if self.has_memory:
+            rule, features = self.config.memory_rule, self.config.memory_features
+            sigma_q = group_queries(feature_map(q, rule, features).unsqueeze(1), k.shape[2])
+            retrieved = ungroup_queries(retrieve(sigma_q[:, 0], memory, norm, rule).unsqueeze(1),
+                                        length)
+            if complete:
+                strength = self.write_strength(keys)
+                memory, norm = update(feature_map(keys, rule, features).transpose(1, 2),
+                                      values.transpose(1, 2), memory, norm, rule,
+                                      None if strength is None else strength.transpose(1, 2))
+        if complete:
             keys, values = keys[:, :0], values[:, :0]
-        return (local, ungroup_queries(retrieved, length)), LayerState(memory, norm, keys, values)
+        return (local, retrieved), LayerState(memory, norm, keys, values)

@@ -13,10 +13,10 @@ from .state import InfiniState, LayerState
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = InfiniAttention(config)
+        self.attn = InfiniAttention(config, has_memory=index >= config.memory_from_layer)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.ffn_dim)
 
@@ -39,7 +39,7 @@ class InfiniTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, index) for index in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -53,7 +53,7 @@ class InfiniTransformer(nn.Module):
                 nn.init.normal_(module.weight, std=self.config.init_std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-            elif isinstance(module, InfiniAttention):
+            elif isinstance(module, InfiniAttention) and module.has_memory:
                 nn.init.constant_(module.gate, self.config.gate_init)
                 if self.config.memory_write_gate:
                     nn.init.zeros_(module.write_weight)
@@ -110,9 +110,10 @@ class InfiniTransformer(nn.Module):
         return self.norm(x), InfiniState(new_layers)
 
     def memory_gates(self) -> Tensor:
-        """sigmoid(β) per layer and query head: [n_layers, n_heads]; 1 = memory, 0 = local."""
-        return torch.stack([torch.sigmoid(block.attn.gate.detach().float())
-                            for block in self.layers])
+        """sigmoid(β) per layer and query head: [n_layers, n_heads]; 1 = memory, 0 = local
+        (and 0 for the local-only layers below ``memory_from_layer``)."""
+        return torch.stack([torch.sigmoid(block.attn.gate.detach().float()) if block.attn.has_memory
+                            else torch.zeros(self.config.n_heads) for block in self.layers])
 
 
 def _segments_starting(partial: int, length: int, segment_len: int) -> int:

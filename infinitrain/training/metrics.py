@@ -92,7 +92,7 @@ class TrainingMetrics(Callback):
         engine_norm = getattr(trainer.model, "get_global_grad_norm", None)
         if engine_norm is not None and engine_norm() is not None:
             metrics["grad_norm"] = float(engine_norm())
-        gates = [block.attn.gate for block in module.model.layers]
+        gates = [block.attn.gate for block in module.model.layers if block.attn.has_memory]
         with gathered(gates):
             metrics |= gate_statistics(module.model.memory_gates())
         module.log("tokens_per_s", metrics.pop("tokens_per_s"), prog_bar=True)

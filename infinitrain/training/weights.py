@@ -21,7 +21,7 @@ from ..model_dir import WEIGHTS_FILE, load_model_config
 from ..recipe import RecipeError
 
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                "head_dim", "tie_embeddings", "memory_write_gate")
+                "head_dim", "tie_embeddings", "memory_write_gate", "memory_from_layer")
 """ModelConfig fields that decide which weights exist and their shapes; the others (segment
 length, memory rule, RoPE base, ...) may change when continuing from a checkpoint, with a warning
 (gate_init and write_gate_init only matter for random weights)."""
