@@ -118,6 +118,11 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     @property
+    def memory_layers(self) -> int:
+        """Layers with compressive memory (from ``memory_from_layer`` on)."""
+        return self.n_layers - self.memory_from_layer
+
+    @property
     def memory_floats_per_layer(self) -> int:
         """Floats of compressive memory per layer: d_k × (d_v + 1) per key/value head."""
         return self.n_kv_heads * self.head_dim * (self.head_dim + 1)

@@ -35,7 +35,7 @@ def forward_flops_per_token(config: ModelConfig) -> dict[str, int]:
                 N tokens; a query sees (N + 1)/2 keys on average, and QKᵀ and AV each cost
                 2 · d_head per key and head. (The full-square convention, 4 · N · d_head · H_q,
                 counts the masked half too and would inflate MFU by the attention share.)
-    memory    = layers · per-rule matmul terms, with d_k = d_v = d_head:
+    memory    = memory layers · per-rule matmul terms, with d_k = d_v = d_head:
                 retrieve  σ(Q)M for every query head: H_q · 2·d_k·d_v, and σ(Q)z: H_q · 2·d_k
                           (``deltanet`` reads unnormalised: no σ(Q)z);
                 update    σ(K)ᵀV: H_kv · 2·d_k·d_v, z += Σσ(K): H_kv · d_k;
@@ -58,7 +58,7 @@ def forward_flops_per_token(config: ModelConfig) -> dict[str, int]:
     elif config.memory_rule == "deltanet":
         update += h_kv * (2 * dh * dh + 2 * n * dh + (n - 1) * dh)
     return {"dense": dense, "attention": attention,
-            "memory": config.n_layers * (retrieve + update)}
+            "memory": config.memory_layers * (retrieve + update)}
 
 
 def flops_per_token(config: ModelConfig, memory: bool = True) -> int:
