@@ -42,14 +42,16 @@ class ModelConfig:
     memory_features: str = "elu"
     """Feature map of queries and keys into memory: 'elu', the paper's σ(x) = ELU(x) + 1; or
     'signed' ('deltanet' only), x / ‖x‖ as in DeltaNet: signed, so a needle's key can be orthogonal
-    to every filler key and survive their writes, where positive features always overlap."""
+    to every filler key and survive their writes, where positive features always overlap. (On the
+    tiny passkey model it trained more slowly and retrieved less: docs/memory-length.md §10.)"""
     memory_write_gate: bool = False
     """'deltanet' only: each token writes with a learned strength β_t = sigmoid(k_t·w + b) per
     key/value head (DeltaNet's β), so filler can write weakly and leave older facts in place."""
     write_gate_init: float = 0.0
     """Initial bias b of the write gate: sigmoid(b) is every token's write strength before
-    training. Negative (−4: 0.018) starts the memory writing weakly, so filler piles up slowly
-    and the model learns to raise β_t for what it must keep."""
+    training. Negative (−4: 0.018) starts the memory writing weakly, so that filler piles up
+    slowly and the model has to learn to raise β_t for what it keeps (at −4 the tiny passkey model
+    never learned to retrieve through memory: docs/memory-length.md §10)."""
     gate_init: float = 0.0
     """Initial β of every head; sigmoid(0) = 0.5 mixes memory and local attention equally."""
     rope_theta: float = 500_000.0

@@ -1,0 +1,110 @@
+"""Reproduces docs/memory-length.md §9: does the memory's drift, not the needle's loss, break
+passkey retrieval at length? Two checks on a trained model (a run directory or model directory).
+
+    python docs/memory_drift.py freeze MODEL --length 4000 --depth 0.97 --freeze 256:3700 --layers 0
+    python docs/memory_drift.py keys MODEL
+
+``freeze`` streams Landmark passkey prompts segment by segment and, between the two token counts
+of ``--freeze``, puts the memory of ``--layers`` back to its state at the first count after every
+segment, so those layers see no filler accumulate there; it prints exact-match accuracy.
+``keys`` prints, per layer and key/value head, how many distinct memory keys the periodic filler
+writes and the singular values of their feature matrix (the conditioning of what memory stores).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from infinitrain.data.passkey import PasskeyGenerator
+from infinitrain.data.tokenizer import load_tokenizer
+from infinitrain.evaluation.passkey import first_integer
+from infinitrain.inference.loading import load_model
+from infinitrain.model.memory import feature_map
+
+
+class FrozenStream:
+    """Streams tokens through ``model``; while between the two counts of ``window``, puts the
+    memory of ``layers`` back to its state at the first count after every call."""
+
+    def __init__(self, model, window: tuple[int, int], layers: list[int]) -> None:
+        self.model, self.window, self.layers = model, window, layers
+        self.state, self.read, self.frozen = None, 0, {}
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        logits, self.state = self.model(ids, self.state)
+        self.read += ids.shape[1]
+        if self.window[0] <= self.read < self.window[1]:
+            for layer in self.layers:
+                memory = self.state.layers[layer]
+                kept = self.frozen.setdefault(layer, (memory.memory.clone(), memory.norm.clone()))
+                memory.memory, memory.norm = kept
+        return logits
+
+
+def freeze_accuracy(model, tokenizer, length: int, depth: float, window: tuple[int, int],
+                    layers: list[int], samples: int) -> float:
+    generator, n = PasskeyGenerator(tokenizer), model.config.segment_len
+    correct = 0
+    for index in range(samples):
+        sample = generator.sample(length, depth, seed=1000 + index)
+        stream, ids = FrozenStream(model, window, layers), sample.prompt_ids[None]
+        while stream.read < ids.shape[1]:  # segment by segment
+            logits = stream(ids[:, stream.read:stream.read + n - stream.read % n])
+        answer = []
+        for _ in range(8):
+            token = logits[0, -1].argmax()
+            if int(token) == tokenizer.eos_id:
+                break
+            answer.append(int(token))
+            logits = stream(token.view(1, 1))
+        correct += first_integer(tokenizer.decode(answer)) == sample.key
+    return correct / samples
+
+
+def key_conditioning(model, tokenizer) -> None:
+    config, keys = model.config, {}
+    hooks = [block.attn.k_proj.register_forward_hook(
+        lambda module, inputs, out, i=i: keys.setdefault(i, out)) for i, block in
+        enumerate(model.layers)]
+    model(PasskeyGenerator(tokenizer).filler(1200)[None])
+    for hook in hooks:
+        hook.remove()
+    for layer, k in sorted(keys.items()):
+        k = k[0, -600:].view(600, config.n_kv_heads, config.head_dim)
+        for head in range(config.n_kv_heads):
+            features = feature_map(k[:, head], config.memory_rule, config.memory_features)
+            distinct = torch.unique(features.round(decimals=4), dim=0)
+            values = torch.linalg.svdvals(distinct)
+            print(f"layer {layer} kv head {head}: {len(distinct)} distinct keys in "
+                  f"{config.head_dim} dims, singular values {values[0]:.2f} … {values[-1]:.4f}, "
+                  f"{int((values < 0.05).sum())} below 0.05")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("check", choices=["freeze", "keys"])
+    parser.add_argument("model")
+    parser.add_argument("--length", type=int, default=4000)
+    parser.add_argument("--depth", type=float, default=0.97)
+    parser.add_argument("--freeze", default="0:0", help="FROM:TO tokens; 0:0 freezes nothing")
+    parser.add_argument("--layers", default="0", help="comma-separated layer indices")
+    parser.add_argument("--samples", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    loaded = load_model(args.model, "cpu")
+    model, tokenizer = loaded.model.eval(), load_tokenizer(loaded.tokenizer_dir or "data/tokenizer")
+    if args.check == "keys":
+        key_conditioning(model, tokenizer)
+        return
+    start, stop = (int(x) for x in args.freeze.split(":"))
+    layers = [int(x) for x in args.layers.split(",")]
+    accuracy = freeze_accuracy(model, tokenizer, args.length, args.depth, (start, stop), layers,
+                               args.samples)
+    print(f"{args.length} tokens, depth {args.depth}, layers {layers} frozen over "
+          f"[{start}, {stop}): {accuracy:.0%}")
+
+
+if __name__ == "__main__":
+    main()
