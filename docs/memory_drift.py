@@ -21,7 +21,6 @@ from infinitrain.data.passkey import PasskeyGenerator
 from infinitrain.data.tokenizer import load_tokenizer
 from infinitrain.evaluation.passkey import first_integer
 from infinitrain.inference.loading import load_model
-from infinitrain.model.memory import feature_map
 
 
 class FrozenStream:
@@ -74,7 +73,7 @@ def key_conditioning(model, tokenizer) -> None:
     for layer, k in sorted(keys.items()):
         k = k[0, -600:].view(600, config.n_kv_heads, config.head_dim)
         for head in range(config.n_kv_heads):
-            features = feature_map(k[:, head], config.memory_rule, config.memory_features)
+            features = model.layers[layer].attn.features(k[:, head])
             distinct = torch.unique(features.round(decimals=4), dim=0)
             values = torch.linalg.svdvals(distinct)
             print(f"layer {layer} kv head {head}: {len(distinct)} distinct keys in "

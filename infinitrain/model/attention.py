@@ -129,6 +129,10 @@ class InfiniAttention(nn.Module):
             mixed = local
         return self.o_proj(mixed.to(x.dtype).reshape(b, t, -1)), state
 
+    def features(self, x: Tensor) -> Tensor:
+        """σ of queries or keys as this layer's memory reads and writes them."""
+        return feature_map(x, self.config.memory_rule, self.config.memory_features)
+
     def write_strength(self, k: Tensor) -> Tensor | None:
         """β_t [..., H_kv] for raw keys k [..., H_kv, d]; None without the write gate."""
         if not self.config.memory_write_gate:
@@ -151,13 +155,13 @@ class InfiniAttention(nn.Module):
         ).reshape(b, t, h_q, d)
         if not self.has_memory:
             return (local, None), state
-        rule, features = self.config.memory_rule, self.config.memory_features
-        sigma_q = group_queries(feature_map(q, rule, features).view(b, s, n, h_q, d), k.shape[2])
+        rule = self.config.memory_rule
+        sigma_q = group_queries(self.features(q).view(b, s, n, h_q, d), k.shape[2])
         strength = self.write_strength(k)
         if strength is not None:
             strength = by_kv_head(strength.unsqueeze(-1), s).squeeze(-1)
         retrieved, memory, norm = scan(
-            sigma_q, by_kv_head(feature_map(k, rule, features), s), by_kv_head(v, s),
+            sigma_q, by_kv_head(self.features(k), s), by_kv_head(v, s),
             state.memory, state.norm, rule, reset, strength,
         )
         new_state = LayerState(memory, norm, state.keys, state.values)
@@ -186,13 +190,13 @@ class InfiniAttention(nn.Module):
         complete = total == self.config.segment_len
         retrieved = None
         if self.has_memory:
-            rule, features = self.config.memory_rule, self.config.memory_features
-            sigma_q = group_queries(feature_map(q, rule, features).unsqueeze(1), k.shape[2])
+            rule = self.config.memory_rule
+            sigma_q = group_queries(self.features(q).unsqueeze(1), k.shape[2])
             retrieved = ungroup_queries(retrieve(sigma_q[:, 0], memory, norm, rule).unsqueeze(1),
                                         length)
             if complete:
                 strength = self.write_strength(keys)
-                memory, norm = update(feature_map(keys, rule, features).transpose(1, 2),
+                memory, norm = update(self.features(keys).transpose(1, 2),
                                       values.transpose(1, 2), memory, norm, rule,
                                       None if strength is None else strength.transpose(1, 2))
         if complete:
