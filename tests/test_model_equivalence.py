@@ -191,6 +191,9 @@ def test_local_only_layers_equal_a_memory_layer_gated_shut() -> None:
     assert torch.allclose(ours, theirs, atol=1e-6)
     assert state.layers[0].memory.abs().sum() == 0 and state.layers[1].memory.abs().sum() > 0
     assert local_first.memory_gates()[0].abs().sum() == 0
+    with torch.device("meta"):  # gates of local-only layers live where the model does
+        on_meta = InfiniTransformer(small_config("deltanet-local0"))
+    assert on_meta.memory_gates().device.type == "meta"
 
 
 def test_reset_equals_starting_a_fresh_stream() -> None:

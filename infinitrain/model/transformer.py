@@ -112,8 +112,9 @@ class InfiniTransformer(nn.Module):
     def memory_gates(self) -> Tensor:
         """sigmoid(β) per layer and query head: [n_layers, n_heads]; 1 = memory, 0 = local
         (and 0 for the local-only layers below ``memory_from_layer``)."""
+        shut = torch.zeros(self.config.n_heads, device=self.embed_tokens.weight.device)
         return torch.stack([torch.sigmoid(block.attn.gate.detach().float()) if block.attn.has_memory
-                            else torch.zeros(self.config.n_heads) for block in self.layers])
+                            else shut for block in self.layers])
 
 
 def _segments_starting(partial: int, length: int, segment_len: int) -> int:
