@@ -27,6 +27,5 @@ def build_streams(sources: Sequence[SourceConfig], config: StreamConfig, tokeniz
                   rank: int = 0, world_size: int = 1) -> DocumentStreams:
     """One data-parallel rank's streams over a mixture of sources."""
     built = [build_source(source, tokenizer) for source in sources]
-    curriculum = any(source.from_step or source.until_step is not None for source in sources)
-    active = (lambda index, step: sources[index].active_at(step)) if curriculum else None
-    return DocumentStreams(built, config, tokenizer.pad_id, rank, world_size, active)
+    return DocumentStreams(built, config, tokenizer.pad_id, rank, world_size,
+                           active=lambda index, step: sources[index].active_at(step))
