@@ -22,12 +22,12 @@ CSV_NAME = "csv"
 CSV_LOGS = LOG_DIR / CSV_NAME
 
 _FOLDER = re.compile(r"from-step-(\d+)")
+_GATE_MEAN = re.compile(r"gates/(layer_\d+)/mean")
 
 
 def csv_version(start_step: int) -> str:
-    """The CSV log folder of the invocation that starts at ``start_step``."""
+    """The CSV log folder of the invocation that starts at ``start_step`` (read back by _FOLDER)."""
     return f"from-step-{start_step:08d}"
-_GATE_MEAN = re.compile(r"gates/(layer_\d+)/mean")
 
 
 class TrainingLogError(ValueError):
