@@ -41,6 +41,8 @@ def write_run(run: Path, tie: bool = True, vocab_size: int = 4096, **overrides) 
         for block in model.layers:
             if block.attn.has_memory:
                 block.attn.gate.normal_(0, 2)
+            if config.memory_write_gate:  # some tokens closed, some open, some in between
+                block.attn.write_weight.normal_(0, 2)
     step = save_model_dir(model, run / "step-00000010")
     load_tokenizer(REPO / "data" / "tokenizer").save(step / "tokenizer")
     (step / "recipe.yaml").write_text(RECIPE)
@@ -207,15 +209,17 @@ def test_load_exported_is_exact_and_declines_other_directories(exported, core, r
     assert load_exported(run_dir / "step-00000010", torch.device("cpu"), torch.float32) is None
 
 
-@pytest.mark.parametrize("variant", [{"tie": False}, {"memory_from_layer": 1}],
-                         ids=["untied", "local-only first layer"])
+@pytest.mark.parametrize("variant", [{"tie": False}, {"memory_from_layer": 1},
+                                     {"memory_rule": "deltanet", "memory_write_gate": True,
+                                      "write_gate_activation": "clamp", "write_gate_init": 0.5}],
+                         ids=["untied", "local-only first layer", "clamped write gate"])
 def test_model_variants_round_trip(tmp_path, variant):
     step = write_run(tmp_path / "run", **variant)
     assert export(step, tmp_path / "hf").exit_code == 0
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
-    ids = torch.randint(0, 4096, (1, 11))
+    ids = torch.randint(0, 4096, (1, 3 * SEGMENT + 3))
     with torch.no_grad():
         expected, _ = load_model_dir(step)(ids)
         assert torch.allclose(hf_model(ids).logits, expected, atol=1e-5, rtol=0)

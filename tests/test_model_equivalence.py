@@ -14,11 +14,12 @@ from infinitrain.model.attention import InfiniAttention
 
 def small_config(rule: str = "delta", **overrides):
     """``rule`` is a memory rule, or "deltanet-gated" for deltanet with the write gate,
-    "deltanet-signed" for deltanet with signed features, "deltanet-local0" for deltanet with a
-    local-only first layer."""
+    "deltanet-clamp" for the write gate clamped to [0, 1], "deltanet-signed" for deltanet with
+    signed features, "deltanet-local0" for deltanet with a local-only first layer."""
     base, _, variant = rule.partition("-")
     values = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                  segment_len=8, memory_rule=base, memory_write_gate=variant == "gated",
+                  segment_len=8, memory_rule=base, memory_write_gate=variant in ("gated", "clamp"),
+                  write_gate_activation="clamp" if variant == "clamp" else "sigmoid",
                   memory_features="signed" if variant == "signed" else "elu",
                   memory_from_layer=int(variant == "local0"))
     values.update(overrides)
@@ -53,7 +54,10 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
     def write_strength(k, kv):  # β_t from the raw key; 1 without the write gate
         if not cfg.memory_write_gate:
             return 1.0
-        return torch.sigmoid(k @ attn.write_weight[kv] + attn.write_bias[kv])
+        logit = k @ attn.write_weight[kv] + attn.write_bias[kv]
+        if cfg.write_gate_activation == "clamp":
+            return logit.clamp(0, 1)
+        return torch.sigmoid(logit)
 
     def rope(t):  # t [L, d]; positions restart at 0 in every segment
         half = d // 2
@@ -96,7 +100,7 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
     return out.reshape(batch, length, -1) @ attn.o_proj.weight.T
 
 
-RULES = ["linear", "delta", "deltanet", "deltanet-gated", "deltanet-signed"]
+RULES = ["linear", "delta", "deltanet", "deltanet-gated", "deltanet-clamp", "deltanet-signed"]
 MODEL_RULES = [*RULES, "deltanet-local0"]
 """Model-level variants: memory_from_layer changes which layers have memory, not one layer."""
 

@@ -184,7 +184,8 @@ def test_state_round_trips_through_safetensors(tmp_path) -> None:
      ({"rope_theta": 0.0}, "rope_theta"), ({"memory_write_gate": True}, "memory_write_gate"),
      ({"memory_features": "relu"}, "memory_features"),
      ({"memory_from_layer": 2}, "memory_from_layer"),
-     ({"memory_features": "signed"}, "memory_features")],
+     ({"memory_features": "signed"}, "memory_features"),
+     ({"write_gate_activation": "relu"}, "write_gate_activation")],
 )
 def test_invalid_config_names_the_field(overrides, field) -> None:
     with pytest.raises(ConfigError, match=f"model.{field}"):
@@ -207,3 +208,40 @@ def test_write_gate_starts_at_its_configured_strength() -> None:
     for layer in model.layers:
         strength = layer.attn.write_strength(keys)
         assert torch.allclose(strength, torch.sigmoid(torch.tensor(-4.0)).expand(5, 2))
+
+
+@pytest.mark.parametrize("activation", ["clamp", "sigmoid"])
+def test_tokens_the_clamped_write_gate_closes_leave_the_memory_exactly_alone(activation) -> None:
+    """With write_gate_activation 'clamp', filler whose gate logit is below 0 writes nothing, so a
+    segment read after 1 or 40 segments of it sees the same memory: retrieval cannot drift with
+    length. A sigmoid gate at the same logit (≈ 1e-4) still moves the memory."""
+    torch.manual_seed(3)
+    cfg = small_config(memory_rule="deltanet", memory_write_gate=True,
+                       write_gate_activation=activation)
+    attn = InfiniAttention(cfg).eval()
+    d, n = cfg.head_dim, cfg.segment_len
+    with torch.no_grad():  # key dimension 0 of every head reads input feature 0 alone
+        attn.k_proj.weight.view(cfg.n_kv_heads, d, -1)[:, 0] = torch.eye(cfg.d_model)[0]
+        attn.write_weight.zero_()
+        attn.write_weight[:, 0] = -10.0
+        attn.write_bias.fill_(1.0)  # logit 1 - 10·x₀: x₀ = -1 writes fully, x₀ = +1 gives -9
+        attn.gate.fill_(10.0)  # the output is all memory read-out
+
+    def segments(count: int, first_feature: float) -> torch.Tensor:
+        x = torch.randn(1, count * n, cfg.d_model)
+        x[..., 0] = first_feature
+        return x
+
+    needle, query = segments(1, -1.0), segments(1, -1.0)
+    filler = segments(40, 1.0)
+    empty = LayerState.empty(1, cfg.n_kv_heads, d, None, torch.float32)
+    with torch.no_grad():
+        short, short_state = attn(torch.cat([needle, filler[:, :n], query], dim=1), empty)
+        long, long_state = attn(torch.cat([needle, filler, query], dim=1), empty)
+    same_read = torch.equal(short[:, -n:], long[:, -n:])
+    same_memory = torch.equal(short_state.memory, long_state.memory)
+    if activation == "clamp":
+        assert same_read and same_memory
+        assert attn.write_strength(attn.k_proj(filler).view(1, -1, cfg.n_kv_heads, d)).max() == 0
+    else:
+        assert not same_read and not same_memory

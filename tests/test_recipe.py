@@ -101,6 +101,11 @@ BAD_RECIPES = {
                        "data.sources: no source is active at step 0"),
     "empty step range": (lambda r: r["data"]["sources"][0].update(from_step=5, until_step=5),
                          "until_step = 5: must be > from_step = 5"),
+    "write penalty without a write gate": (
+        lambda r: r["optim"].update(write_penalty=0.1),
+        "optim.write_penalty = 0.1: needs model.memory_write_gate: true"),
+    "negative write penalty": (lambda r: r["optim"].update(write_penalty=-1),
+                               "optim.write_penalty = -1.0: must be >= 0"),
 }
 
 

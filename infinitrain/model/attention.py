@@ -89,7 +89,10 @@ class InfiniAttention(nn.Module):
         if config.memory_write_gate:
             self.write_weight = nn.Parameter(torch.zeros(h_kv, d))
             self.write_bias = nn.Parameter(torch.full((h_kv,), float(config.write_gate_init)))
-            """Write strength sigmoid(k_t·w + b) per key/value head, from the token's own key."""
+            """Write strength β_t = sigmoid or clamp of k_t·w + b per key/value head, from the
+            token's own key."""
+            self.last_write_cost: Tensor | None = None
+            """The last training forward's :meth:`write_cost`, with its graph, for the loss."""
 
     def forward(self, x: Tensor, state: LayerState, reset: Tensor | None = None,
                 use_memory: bool = True) -> tuple[Tensor, LayerState]:
@@ -98,6 +101,8 @@ class InfiniAttention(nn.Module):
         q = self.q_proj(x).view(b, t, cfg.n_heads, cfg.head_dim)
         k = self.k_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim)
+        if self.training and self.has_memory and cfg.memory_write_gate:
+            self.last_write_cost = self.write_cost(k)
 
         n = cfg.segment_len
         cached = state.keys.shape[1]
@@ -133,12 +138,27 @@ class InfiniAttention(nn.Module):
         """σ of queries or keys as this layer's memory reads and writes them."""
         return feature_map(x, self.config.memory_rule, self.config.memory_features)
 
+    def write_logits(self, k: Tensor) -> Tensor:
+        """x_t = k_t·w + b [..., H_kv] for raw keys k [..., H_kv, d]."""
+        return (k.float() * self.write_weight.float()).sum(-1) + self.write_bias.float()
+
     def write_strength(self, k: Tensor) -> Tensor | None:
         """β_t [..., H_kv] for raw keys k [..., H_kv, d]; None without the write gate."""
         if not self.config.memory_write_gate:
             return None
-        return torch.sigmoid((k.float() * self.write_weight.float()).sum(-1)
-                             + self.write_bias.float())
+        logits = self.write_logits(k)
+        if self.config.write_gate_activation == "clamp":
+            return logits.clamp(0.0, 1.0)
+        return torch.sigmoid(logits)
+
+    def write_cost(self, k: Tensor) -> Tensor:
+        """Mean write strength of keys k before clipping at 1 (sigmoid: β; clamp: relu(x)), the
+        quantity ``optim.write_penalty`` charges: it still pushes down a token whose clamped β
+        sits at 1, where the clamp passes no gradient."""
+        logits = self.write_logits(k)
+        if self.config.write_gate_activation == "clamp":
+            return F.relu(logits).mean()
+        return torch.sigmoid(logits).mean()
 
     def _segments(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState,
                   reset: Tensor | None) -> tuple[tuple[Tensor, Tensor | None], LayerState]:

@@ -10,6 +10,7 @@ from typing import Any
 
 MEMORY_RULES = ("linear", "delta", "deltanet")
 MEMORY_FEATURES = ("elu", "signed")
+WRITE_GATE_ACTIVATIONS = ("sigmoid", "clamp")
 
 
 class ConfigError(ValueError):
@@ -47,11 +48,17 @@ class ModelConfig:
     memory_write_gate: bool = False
     """'deltanet' only: each token writes with a learned strength β_t = sigmoid(k_t·w + b) per
     key/value head (DeltaNet's β), so filler can write weakly and leave older facts in place."""
+    write_gate_activation: str = "sigmoid"
+    """How the write gate's logit x_t = k_t·w + b becomes β_t: 'sigmoid' (DeltaNet's), or 'clamp',
+    clamp(x_t, 0, 1): exactly 0 below zero, so a token the gate closes writes nothing however long
+    the stream, where sigmoid's small β still adds up over 1M tokens of filler. Pair it with
+    ``optim.write_penalty``, which closes what the loss does not need, and ``write_gate_init: 1``
+    (every token writes fully until the penalty starts)."""
     write_gate_init: float = 0.0
-    """Initial bias b of the write gate: sigmoid(b) is every token's write strength before
-    training. Negative (−4: 0.018) starts the memory writing weakly, so that filler piles up
-    slowly and the model has to learn to raise β_t for what it keeps (at −4 the tiny passkey model
-    never learned to retrieve through memory: docs/memory-length.md §10)."""
+    """Initial bias b of the write gate: sigmoid(b) (or clamp(b, 0, 1)) is every token's write
+    strength before training. Negative (−4: 0.018) starts the memory writing weakly, so that
+    filler piles up slowly and the model has to learn to raise β_t for what it keeps (at −4 the
+    tiny passkey model never learned to retrieve through memory: docs/memory-length.md §10)."""
     gate_init: float = 0.0
     """Initial β of every head; sigmoid(0) = 0.5 mixes memory and local attention equally."""
     rope_theta: float = 500_000.0
@@ -97,6 +104,9 @@ class ModelConfig:
             raise ConfigError(f"model.memory_write_gate = true needs model.memory_rule = "
                               f"'deltanet', not {self.memory_rule!r}: the paper's rules write "
                               "every token at full strength")
+        if self.write_gate_activation not in WRITE_GATE_ACTIVATIONS:
+            raise ConfigError(f"model.write_gate_activation = {self.write_gate_activation!r}: must "
+                              f"be one of {', '.join(WRITE_GATE_ACTIVATIONS)}")
         if self.rope_theta <= 0:
             raise ConfigError(f"model.rope_theta = {self.rope_theta!r}: must be > 0")
         if self.rope_scale_factor < 1:

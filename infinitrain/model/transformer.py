@@ -109,6 +109,14 @@ class InfiniTransformer(nn.Module):
             new_layers.append(layer_state)
         return self.norm(x), InfiniState(new_layers)
 
+    def write_cost(self) -> Tensor:
+        """Mean :meth:`InfiniAttention.write_cost` of the last training forward over the layers
+        with memory: what ``optim.write_penalty`` adds to the loss (needs ``memory_write_gate``)."""
+        costs = [block.attn.last_write_cost for block in self.layers if block.attn.has_memory]
+        if any(cost is None for cost in costs):
+            raise RuntimeError("write_cost: no training forward with model.memory_write_gate yet")
+        return torch.stack(costs).mean()
+
     def memory_gates(self) -> Tensor:
         """sigmoid(β) per layer and query head: [n_layers, n_heads]; 1 = memory, 0 = local
         (and 0 for the local-only layers below ``memory_from_layer``)."""

@@ -117,12 +117,20 @@ class OptimSection:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping). Under DeepSpeed it goes into the
     DeepSpeed config, where Lightning's clipping does not reach."""
+    write_penalty: float = 0.0
+    """Weight of the memory's mean write strength in the loss (needs model.memory_write_gate):
+    tokens the task does not need, such as filler, are pushed to write nothing, so the memory
+    stops changing with length instead of drifting (docs/memory-length.md §11). 0: off."""
+    write_penalty_from_step: int = 0
+    """Optimizer step from which write_penalty applies: after the task's circuit has formed, so
+    that the penalty does not close every write before the loss has a reason to keep any."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "gate_lr_multiplier", "eps"):
             if not getattr(self, name) > 0:
                 raise field_error(f"optim.{name}", getattr(self, name), "must be > 0")
-        for name in ("weight_decay", "grad_clip", "warmup_steps"):
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "write_penalty",
+                     "write_penalty_from_step"):
             if getattr(self, name) < 0:
                 raise field_error(f"optim.{name}", getattr(self, name), "must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -253,6 +261,10 @@ class Recipe:
                 raise RecipeError(f"data.sources: no source is active at step {step}; give some "
                                   f"source from_step <= {step} < until_step, so every step "
                                   "has data")
+        if self.optim.write_penalty and not self.model_config.memory_write_gate:
+            raise field_error("optim.write_penalty", self.optim.write_penalty,
+                              "needs model.memory_write_gate: true (it charges the write gate's "
+                              "strength); set that or the penalty to 0")
         if self.optim.warmup_steps > self.train.max_steps:
             raise field_error("optim.warmup_steps", self.optim.warmup_steps,
                               f"must be <= train.max_steps = {self.train.max_steps}")

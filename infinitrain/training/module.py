@@ -89,8 +89,18 @@ class StreamingLM(LightningModule):
         loss = loss_sum * (self.trainer.world_size / targets)
         self._update_pending = True
         self.log("loss", loss.detach(), prog_bar=True, sync_dist=self.trainer.world_size > 1)
+        if self.model.config.memory_write_gate:
+            loss = loss + self._write_penalty()
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return loss
+
+    def _write_penalty(self) -> Tensor:
+        """optim.write_penalty × the mean write strength of this window (0 before its step)."""
+        cost = self.model.write_cost()
+        self.log("write_cost", cost.detach())
+        optim = self.recipe.optim
+        weight = optim.write_penalty if self.global_step >= optim.write_penalty_from_step else 0.0
+        return weight * cost
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Update the weights only if some window since the last update had supervised tokens."""
