@@ -53,6 +53,24 @@ def test_adafactor_keeps_the_groups():
     assert [g["name"] for g in optimizer.param_groups] == ["decay", "no_decay", "gates"]
 
 
+def test_write_gates_have_their_own_group_frozen_until_their_step():
+    module, configured_optim = configured(
+        "model.memory_rule=deltanet", "model.memory_write_gate=true", "optim.warmup_steps=2",
+        "optim.write_gate_from_step=5")
+    optimizer, scheduler = configured_optim["optimizer"], configured_optim["lr_scheduler"]
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    writes = [p for m in module.model.modules() if isinstance(m, InfiniAttention)
+              for p in (m.write_weight, m.write_bias)]
+    assert [id(p) for p in groups["write_gates"]["params"]] == [id(p) for p in writes]
+    lrs = []
+    for _ in range(7):
+        lrs.append({group["name"]: group["lr"] for group in optimizer.param_groups})
+        optimizer.step()
+        scheduler["scheduler"].step()
+    assert all(step["write_gates"] == 0 and step["gates"] > 0 for step in lrs[:5])
+    assert lrs[5]["write_gates"] == lrs[5]["gates"] > 0
+
+
 def test_schedule_warms_up_then_decays_to_the_floor_at_the_recipe_length():
     factors = [lr_factor(step, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
                for step in range(130)]

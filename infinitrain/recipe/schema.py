@@ -121,16 +121,17 @@ class OptimSection:
     """Weight of the memory's mean write strength in the loss (needs model.memory_write_gate):
     tokens the task does not need, such as filler, are pushed to write nothing, so the memory
     stops changing with length instead of drifting (docs/memory-length.md §11). 0: off."""
-    write_penalty_from_step: int = 0
-    """Optimizer step from which write_penalty applies: after the task's circuit has formed, so
-    that the penalty does not close every write before the loss has a reason to keep any."""
+    write_gate_from_step: int = 0
+    """Optimizer step from which the write gate trains (lr 0 before it). Until then every token
+    writes at model.write_gate_init's strength, so the task's circuit forms as in a model without
+    a gate, and the penalty cannot close every write before the loss has a reason to keep any."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "gate_lr_multiplier", "eps"):
             if not getattr(self, name) > 0:
                 raise field_error(f"optim.{name}", getattr(self, name), "must be > 0")
         for name in ("weight_decay", "grad_clip", "warmup_steps", "write_penalty",
-                     "write_penalty_from_step"):
+                     "write_gate_from_step"):
             if getattr(self, name) < 0:
                 raise field_error(f"optim.{name}", getattr(self, name), "must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -95,12 +95,10 @@ class StreamingLM(LightningModule):
         return loss
 
     def _write_penalty(self) -> Tensor:
-        """optim.write_penalty × the mean write strength of this window (0 before its step)."""
+        """optim.write_penalty × the mean write strength of this window."""
         cost = self.model.write_cost()
         self.log("write_cost", cost.detach())
-        optim = self.recipe.optim
-        weight = optim.write_penalty if self.global_step >= optim.write_penalty_from_step else 0.0
-        return weight * cost
+        return self.recipe.optim.write_penalty * cost
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Update the weights only if some window since the last update had supervised tokens."""

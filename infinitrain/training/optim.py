@@ -1,8 +1,9 @@
 """Optimizer parameter groups and the warm-up + cosine learning-rate schedule.
 
-Three groups: matrices decay; norms and biases do not; the memory gates (β, and the write gates)
+Four groups: matrices decay; norms and biases do not; the memory gates (β) and the write gates
 neither decay nor share the base learning rate (DESIGN.md §2: under a small global lr they stay
-stuck at sigmoid 0.5).
+stuck at sigmoid 0.5). The write gates have a group of their own because they may start training
+later (``optim.write_gate_from_step``).
 The schedule is a pure function of the optimizer step and the recipe's max_steps, so where an
 invocation stops (`--max-steps`) never changes it.
 """
@@ -19,21 +20,23 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..model.attention import InfiniAttention
 from ..recipe import OptimSection
 
-GATE_PARAMETERS = ("gate", "write_weight", "write_bias")
-"""Infini-attention's gates: the memory/local mix β and, with ``memory_write_gate``, the write
-strength."""
+GATE_PARAMETERS = {"gate": "gates", "write_weight": "write_gates", "write_bias": "write_gates"}
+"""Infini-attention's gates and their groups: the memory/local mix β and, with
+``memory_write_gate``, the write strength."""
 
 
 def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
-    """``decay``, ``no_decay`` and ``gates`` groups, each tagged with its name."""
-    gates = {id(parameter) for module in model.modules() if isinstance(module, InfiniAttention)
+    """``decay``, ``no_decay``, ``gates`` and ``write_gates`` groups (those with parameters),
+    each tagged with its name."""
+    gates = {id(parameter): GATE_PARAMETERS[name] for module in model.modules()
+             if isinstance(module, InfiniAttention)
              for name, parameter in module.named_parameters() if name in GATE_PARAMETERS}
-    groups = {"decay": [], "no_decay": [], "gates": []}
+    groups = {"decay": [], "no_decay": [], "gates": [], "write_gates": []}
     for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
         if id(parameter) in gates:
-            groups["gates"].append(parameter)
+            groups[gates[id(parameter)]].append(parameter)
         elif parameter.ndim < 2:  # norm weights and biases
             groups["no_decay"].append(parameter)
         else:
@@ -42,6 +45,7 @@ def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
         "decay": {"weight_decay": optim.weight_decay, "lr": optim.lr},
         "no_decay": {"weight_decay": 0.0, "lr": optim.lr},
         "gates": {"weight_decay": 0.0, "lr": optim.lr * optim.gate_lr_multiplier},
+        "write_gates": {"weight_decay": 0.0, "lr": optim.lr * optim.gate_lr_multiplier},
     }
     return [{"name": name, "params": params, **settings[name]}
             for name, params in groups.items() if params]
@@ -64,8 +68,13 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
 
 
 def build_scheduler(optimizer: Optimizer, optim: OptimSection, max_steps: int) -> LambdaLR:
-    """Per-optimizer-step LambdaLR sized by the recipe, never by the trainer's step estimate."""
+    """Per-optimizer-step LambdaLR sized by the recipe, never by the trainer's step estimate; the
+    write gates stay at lr 0 before ``optim.write_gate_from_step``."""
     def factor(step: int) -> float:
         return lr_factor(step, optim.warmup_steps, max_steps, optim.min_lr_ratio)
 
-    return LambdaLR(optimizer, factor)
+    def write_gate_factor(step: int) -> float:
+        return factor(step) if step >= optim.write_gate_from_step else 0.0
+
+    return LambdaLR(optimizer, [write_gate_factor if group["name"] == "write_gates" else factor
+                                for group in optimizer.param_groups])
