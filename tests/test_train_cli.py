@@ -294,3 +294,23 @@ def test_the_write_gate_trains_from_its_step_and_the_penalty_closes_writes(tmp_p
     cost = dict(zip(steps, cost, strict=True))
     assert all(cost[step] == 1.0 for step in range(6)), cost
     assert cost[19] < 0.2, cost
+
+
+def test_the_write_gate_waits_for_the_loss_and_a_resumed_run_remembers_it(tmp_path):
+    """optim.write_gate_below_loss: the write gate stays frozen until the loss's moving average
+    falls below it; that average is part of the checkpoint, so a run stopped before the gate
+    starts and resumed starts it at the same step and ends exactly where a straight run does."""
+    gate = [*SMALL, "model.memory_rule=deltanet", "model.memory_write_gate=true",
+            "model.write_gate_activation=clamp", "model.write_gate_init=1.0",
+            "optim.write_penalty=1.0", "optim.write_gate_below_loss=8.0"]
+    straight = tmp_path / "straight"
+    trained(straight, "--max-steps", "20", overrides=gate)
+    steps, (cost,) = TrainingLog.read(straight).points("write_cost")
+    start = next(step for step, value in zip(steps, cost, strict=True) if value < 1.0) - 1
+    assert 7 <= start <= 15, cost  # the loss starts near 8.3
+    assert all(value == 1.0 for value in cost[:start + 1]) and cost[-1] < 0.5, cost
+    stopped = tmp_path / "stopped"
+    trained(stopped, "--max-steps", "6", overrides=gate)
+    trained(stopped, "--resume", "auto", "--max-steps", "20", overrides=gate)
+    assert_same_tensors(load_file(str(checkpoint(stopped, 20) / "model.safetensors")),
+                        load_file(str(checkpoint(straight, 20) / "model.safetensors")))

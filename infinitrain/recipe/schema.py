@@ -125,13 +125,17 @@ class OptimSection:
     """Optimizer step from which the write gate trains (lr 0 before it). Until then every token
     writes at model.write_gate_init's strength, so the task's circuit forms as in a model without
     a gate, and the penalty cannot close every write before the loss has a reason to keep any."""
+    write_gate_below_loss: float = 0.0
+    """If > 0, the write gate starts training only once the training loss's moving average
+    (about 10 steps) is below this as well: when the task's circuit has formed, which varies
+    between runs by hundreds of steps (docs/memory-length.md §11). 0: at write_gate_from_step."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "gate_lr_multiplier", "eps"):
             if not getattr(self, name) > 0:
                 raise field_error(f"optim.{name}", getattr(self, name), "must be > 0")
         for name in ("weight_decay", "grad_clip", "warmup_steps", "write_penalty",
-                     "write_gate_from_step"):
+                     "write_gate_from_step", "write_gate_below_loss"):
             if getattr(self, name) < 0:
                 raise field_error(f"optim.{name}", getattr(self, name), "must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -50,6 +50,9 @@ class StreamingLM(LightningModule):
         self.data_position: dict | None = None
         """The data position right after the last consumed window."""
         self._update_pending = False
+        self.write_gate_start: int | None = None
+        """The step at which the write gate began training under optim.write_gate_below_loss."""
+        self._loss_average: float | None = None
 
     def configure_model(self) -> None:
         # Built here, not in __init__, so that DeepSpeed ZeRO-3 creates it already sharded.
@@ -62,7 +65,8 @@ class StreamingLM(LightningModule):
 
     def configure_optimizers(self) -> dict:
         optimizer = build_optimizer(self.model, self.recipe.optim)
-        scheduler = build_scheduler(optimizer, self.recipe.optim, self.recipe.train.max_steps)
+        scheduler = build_scheduler(optimizer, self.recipe.optim, self.recipe.train.max_steps,
+                                    self._write_gate_trains)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -90,9 +94,40 @@ class StreamingLM(LightningModule):
         self._update_pending = True
         self.log("loss", loss.detach(), prog_bar=True, sync_dist=self.trainer.world_size > 1)
         if self.model.config.memory_write_gate:
+            self._watch_loss(loss)
             loss = loss + self._write_penalty()
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return loss
+
+    def _write_gate_trains(self, step: int) -> bool:
+        optim = self.recipe.optim
+        if step < optim.write_gate_from_step:
+            return False
+        return not optim.write_gate_below_loss or self.write_gate_start is not None
+
+    def _watch_loss(self, loss: Tensor) -> None:
+        """Start the write gate once the loss's moving average (every rank's) falls below
+        optim.write_gate_below_loss; the scheduler opens its lr from the next step."""
+        optim = self.recipe.optim
+        if not optim.write_gate_below_loss or self.write_gate_start is not None:
+            return
+        value = float(self.trainer.strategy.reduce(loss.detach(), reduce_op="mean"))
+        average = self._loss_average
+        self._loss_average = value if average is None else 0.9 * average + 0.1 * value
+        if (self._loss_average < optim.write_gate_below_loss
+                and self.global_step >= optim.write_gate_from_step):
+            self.write_gate_start = self.global_step
+            self.print(f"step {self.global_step}: loss average {self._loss_average:.3f} < "
+                       f"{optim.write_gate_below_loss}: the write gate starts training")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["write_gate"] = {"start": self.write_gate_start,
+                                    "loss_average": self._loss_average}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("write_gate", {})
+        self.write_gate_start = saved.get("start")
+        self._loss_average = saved.get("loss_average")
 
     def _write_penalty(self) -> Tensor:
         """optim.write_penalty × the mean write strength of this window."""

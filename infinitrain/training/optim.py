@@ -11,6 +11,7 @@ invocation stops (`--max-steps`) never changes it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -67,14 +68,18 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: Optimizer, optim: OptimSection, max_steps: int) -> LambdaLR:
+def build_scheduler(optimizer: Optimizer, optim: OptimSection, max_steps: int,
+                    write_gate_trains: Callable[[int], bool] | None = None) -> LambdaLR:
     """Per-optimizer-step LambdaLR sized by the recipe, never by the trainer's step estimate; the
-    write gates stay at lr 0 before ``optim.write_gate_from_step``."""
+    write gates stay at lr 0 at steps where ``write_gate_trains`` says no (default: before
+    ``optim.write_gate_from_step``)."""
     def factor(step: int) -> float:
         return lr_factor(step, optim.warmup_steps, max_steps, optim.min_lr_ratio)
 
     def write_gate_factor(step: int) -> float:
-        return factor(step) if step >= optim.write_gate_from_step else 0.0
+        trains = (write_gate_trains(step) if write_gate_trains is not None
+                  else step >= optim.write_gate_from_step)
+        return factor(step) if trains else 0.0
 
     return LambdaLR(optimizer, [write_gate_factor if group["name"] == "write_gates" else factor
                                 for group in optimizer.param_groups])
