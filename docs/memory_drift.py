@@ -3,12 +3,15 @@ passkey retrieval at length? Two checks on a trained model (a run directory or m
 
     python docs/memory_drift.py freeze MODEL --length 4000 --depth 0.97 --freeze 256:3700 --layers 0
     python docs/memory_drift.py keys MODEL
+    python docs/memory_drift.py writes MODEL --length 1000 --depth 0.5
 
 ``freeze`` streams Landmark passkey prompts segment by segment and, between the two token counts
 of ``--freeze``, puts the memory of ``--layers`` back to its state at the first count after every
 segment, so those layers see no filler accumulate there; it prints exact-match accuracy.
 ``keys`` prints, per layer and key/value head, how many distinct memory keys the periodic filler
 writes and the singular values of their feature matrix (the conditioning of what memory stores).
+``writes`` prints, for a model with a write gate, how strongly the filler, the needle and the rest
+of one prompt write into each layer's memory (docs/memory-length.md §11).
 """
 
 from __future__ import annotations
@@ -62,16 +65,24 @@ def freeze_accuracy(model, tokenizer, length: int, depth: float, window: tuple[i
     return correct / samples
 
 
-def key_conditioning(model, tokenizer) -> None:
+def raw_keys(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{layer: the raw keys [T, H_kv, d] that ``ids`` [T] writes}, read in one forward."""
     config, keys = model.config, {}
     hooks = [block.attn.k_proj.register_forward_hook(
         lambda module, inputs, out, i=i: keys.setdefault(i, out)) for i, block in
         enumerate(model.layers)]
-    model(PasskeyGenerator(tokenizer).filler(1200)[None])
+    model(ids[None])
     for hook in hooks:
         hook.remove()
+    return {layer: k[0].view(len(ids), config.n_kv_heads, config.head_dim)
+            for layer, k in keys.items()}
+
+
+def key_conditioning(model, tokenizer) -> None:
+    config = model.config
+    keys = raw_keys(model, PasskeyGenerator(tokenizer).filler(1200))
     for layer, k in sorted(keys.items()):
-        k = k[0, -600:].view(600, config.n_kv_heads, config.head_dim)
+        k = k[-600:]
         for head in range(config.n_kv_heads):
             features = model.layers[layer].attn.features(k[:, head])
             distinct = torch.unique(features.round(decimals=4), dim=0)
@@ -81,9 +92,28 @@ def key_conditioning(model, tokenizer) -> None:
                   f"{int((values < 0.05).sum())} below 0.05")
 
 
+def write_strengths(model, tokenizer, length: int, depth: float) -> None:
+    """Mean write strength β and the share of tokens writing at all (β > 0), per layer with a
+    write gate, over the filler, the needle and the rest (task, question) of one prompt."""
+    sample = PasskeyGenerator(tokenizer).sample(length, depth, seed=1000)
+    needle = torch.zeros(length, dtype=torch.bool)
+    needle[sample.needle_offset:sample.needle_offset + sample.needle_len] = True
+    filler = torch.isin(sample.prompt_ids, PasskeyGenerator(tokenizer).filler(100)) & ~needle
+    parts = {"filler": filler, "needle": needle, "task+question": ~filler & ~needle}
+    for layer, k in sorted(raw_keys(model, sample.prompt_ids).items()):
+        strength = model.layers[layer].attn.write_strength(k)
+        if strength is None:
+            continue
+        for head in range(strength.shape[1]):
+            print(f"layer {layer} kv head {head}: " + ", ".join(
+                f"{name} β {strength[mask, head].mean():.4f} "
+                f"({(strength[mask, head] > 0).float().mean():.0%} writing)"
+                for name, mask in parts.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["freeze", "keys"])
+    parser.add_argument("check", choices=["freeze", "keys", "writes"])
     parser.add_argument("model")
     parser.add_argument("--length", type=int, default=4000)
     parser.add_argument("--depth", type=float, default=0.97)
@@ -96,6 +126,9 @@ def main() -> None:
     model, tokenizer = loaded.model.eval(), load_tokenizer(loaded.tokenizer_dir or "data/tokenizer")
     if args.check == "keys":
         key_conditioning(model, tokenizer)
+        return
+    if args.check == "writes":
+        write_strengths(model, tokenizer, args.length, args.depth)
         return
     start, stop = (int(x) for x in args.freeze.split(":"))
     layers = [int(x) for x in args.layers.split(",")]
