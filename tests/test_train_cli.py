@@ -314,3 +314,22 @@ def test_the_write_gate_waits_for_the_loss_and_a_resumed_run_remembers_it(tmp_pa
     trained(stopped, "--resume", "auto", "--max-steps", "20", overrides=gate)
     assert_same_tensors(load_file(str(checkpoint(stopped, 20) / "model.safetensors")),
                         load_file(str(checkpoint(straight, 20) / "model.safetensors")))
+
+
+def test_until_the_write_gate_starts_the_run_is_the_run_without_a_gate(tmp_path):
+    """write_gate_init 1 under the clamp writes every token fully, and the frozen gate's gradients
+    stay out of gradient clipping: every other weight ends where a run without a gate ends."""
+    plain = [*SMALL, "model.memory_rule=deltanet", "optim.grad_clip=0.01"]
+    gated = [*plain, "model.memory_write_gate=true", "model.write_gate_activation=clamp",
+             "model.write_gate_init=1.0", "optim.write_penalty=1.0",
+             "optim.write_gate_from_step=100"]
+    for name, overrides in (("plain", plain), ("gated", gated)):
+        trained(tmp_path / name, "--max-steps", "6", overrides=overrides)
+    weights = {name: load_file(str(checkpoint(tmp_path / name, 6) / "model.safetensors"))
+               for name in ("plain", "gated")}
+    shared = {name: tensor for name, tensor in weights["gated"].items()
+              if not name.endswith(("write_weight", "write_bias"))}
+    assert shared.keys() == weights["plain"].keys()
+    for name, tensor in shared.items():  # up to float rounding (a clipped gate: ~2e-3 apart)
+        difference = (tensor - weights["plain"][name]).abs().max()
+        assert difference <= 1e-4, f"{name}: {difference}"

@@ -99,6 +99,15 @@ class StreamingLM(LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Drop a frozen write gate's gradients (its lr is 0 anyway), so that they do not count
+        in gradient clipping and shrink every other update: until the gate starts, the run is the
+        run without a gate. (Under DeepSpeed, which clips inside its engine, they still count.)"""
+        if self.model.config.memory_write_gate and not self._write_gate_trains(self.global_step):
+            for name, parameter in self.model.named_parameters():
+                if name.endswith(("write_weight", "write_bias")):
+                    parameter.grad = None
+
     def _write_gate_trains(self, step: int) -> bool:
         optim = self.recipe.optim
         if step < optim.write_gate_from_step:
