@@ -139,10 +139,12 @@ class StreamingLM(LightningModule):
         self._loss_average = saved.get("loss_average")
 
     def _write_penalty(self) -> Tensor:
-        """optim.write_penalty × the mean write strength of this window."""
+        """optim.write_penalty × the mean write strength of this window, while the write gate
+        trains (before, it would push the keys of a warm-started gate that cannot move)."""
         cost = self.model.write_cost()
         self.log("write_cost", cost.detach())
-        return self.recipe.optim.write_penalty * cost
+        trains = self._write_gate_trains(self.global_step)
+        return (self.recipe.optim.write_penalty if trains else 0.0) * cost
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Update the weights only if some window since the last update had supervised tokens."""
