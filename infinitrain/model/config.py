@@ -46,14 +46,15 @@ class ModelConfig:
     to every filler key and survive their writes, where positive features always overlap. (On the
     tiny passkey model it trained more slowly and retrieved less: docs/memory-length.md §10.)"""
     memory_write_gate: bool = False
-    """'deltanet' only: each token writes with a learned strength β_t = sigmoid(k_t·w + b) per
-    key/value head (DeltaNet's β), so filler can write weakly and leave older facts in place."""
+    """'deltanet' only: each token writes with a learned strength β_t from x_t = k_t·w + b per
+    key/value head (DeltaNet's β; see write_gate_activation), so filler can write weakly or not
+    at all and leave older facts in place."""
     write_gate_activation: str = "sigmoid"
     """How the write gate's logit x_t = k_t·w + b becomes β_t: 'sigmoid' (DeltaNet's), or 'clamp',
     clamp(x_t, 0, 1): exactly 0 below zero, so a token the gate closes writes nothing however long
     the stream, where sigmoid's small β still adds up over 1M tokens of filler. Pair it with
     ``optim.write_penalty``, which closes what the loss does not need, and ``write_gate_init: 1``
-    (every token writes fully until the penalty starts)."""
+    (every token writes fully until the gate starts training)."""
     write_gate_init: float = 0.0
     """Initial bias b of the write gate: sigmoid(b) (or clamp(b, 0, 1)) is every token's write
     strength before training. Negative (−4: 0.018) starts the memory writing weakly, so that

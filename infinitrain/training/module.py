@@ -104,9 +104,10 @@ class StreamingLM(LightningModule):
         in gradient clipping and shrink every other update: until the gate starts, the run is the
         run without a gate. (Under DeepSpeed, which clips inside its engine, they still count.)"""
         if self.model.config.memory_write_gate and not self._write_gate_trains(self.global_step):
-            for name, parameter in self.model.named_parameters():
-                if name.endswith(("write_weight", "write_bias")):
-                    parameter.grad = None
+            for group in optimizer.param_groups:
+                if group["name"] == "write_gates":
+                    for parameter in group["params"]:
+                        parameter.grad = None
 
     def _write_gate_trains(self, step: int) -> bool:
         optim = self.recipe.optim

@@ -69,17 +69,14 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
 
 
 def build_scheduler(optimizer: Optimizer, optim: OptimSection, max_steps: int,
-                    write_gate_trains: Callable[[int], bool] | None = None) -> LambdaLR:
+                    write_gate_trains: Callable[[int], bool]) -> LambdaLR:
     """Per-optimizer-step LambdaLR sized by the recipe, never by the trainer's step estimate; the
-    write gates stay at lr 0 at steps where ``write_gate_trains`` says no (default: before
-    ``optim.write_gate_from_step``)."""
+    write gates stay at lr 0 at steps where ``write_gate_trains`` says no."""
     def factor(step: int) -> float:
         return lr_factor(step, optim.warmup_steps, max_steps, optim.min_lr_ratio)
 
     def write_gate_factor(step: int) -> float:
-        trains = (write_gate_trains(step) if write_gate_trains is not None
-                  else step >= optim.write_gate_from_step)
-        return factor(step) if trains else 0.0
+        return factor(step) if write_gate_trains(step) else 0.0
 
     return LambdaLR(optimizer, [write_gate_factor if group["name"] == "write_gates" else factor
                                 for group in optimizer.param_groups])
