@@ -87,6 +87,8 @@ def test_lengths_and_depths_parse():
     (["eval", "passkey", "--model", "{root}/run", "--lengths", ""], "--lengths ''"),
     (["eval", "passkey", "--model", "{root}/run", "--depths", "0,1.5"], "--depths '1.5'"),
     (["eval", "passkey", "--model", "{root}/run", "--lengths", "64"], "--lengths"),
+    (["eval", "passkey", "--model", "{root}/run", "--key-min", "9", "--key-max", "5"],
+     "keys in [9, 5]"),
     (["eval", "perplexity", "--model", "{root}/run", "--data", "{root}/empty.jsonl"],
      "--data files: {root}/empty.jsonl: empty file"),
     (["eval", "booksum", "--model", "{root}/run", "--data", "{root}/book.txt",
@@ -145,8 +147,8 @@ def test_passkey_pipeline_scores_an_oracle_perfectly(workdir, monkeypatch):
 def test_passkey_command_writes_table_json_and_heatmap(workdir):
     out = workdir / "passkey"
     code, stdout, _ = cli("eval", "passkey", "--model", workdir / "run", "--lengths", "1k,2K",
-                          "--depths", "0,1", "--samples", "2", "--json", out / "r.json",
-                          "--plot", out / "r.png")
+                          "--depths", "0,1", "--samples", "2", "--key-min", "50001",
+                          "--key-max", "99999", "--json", out / "r.json", "--plot", out / "r.png")
     assert code == 0
     assert "Passkey retrieval" in stdout and "depth 1" in stdout and "2K" in stdout
     report = json.loads((out / "r.json").read_text())
@@ -155,6 +157,7 @@ def test_passkey_command_writes_table_json_and_heatmap(workdir):
     assert report["model"]["path"].endswith("step-00000010")
     trials = report["results"]["trials"]
     assert len(trials) == 8 and all(t["correct"] == (t["predicted"] == t["key"]) for t in trials)
+    assert all(50_001 <= t["key"] <= 99_999 for t in trials)
     for stats in report["results"]["lengths"].values():
         assert stats["tokens_per_second"] > 0 and stats["peak_memory_bytes"] > 0
     assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"

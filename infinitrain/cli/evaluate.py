@@ -459,6 +459,9 @@ def passkey(
     samples: Annotated[int, typer.Option(min=1, help="Prompts per length and depth.")] = 5,
     seed: int = 0,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 8,
+    key_min: Annotated[int, typer.Option(help="Smallest key.")] = 1,
+    key_max: Annotated[int, typer.Option(
+        help="Largest key; keys are uniform in [key-min, key-max] (Landmark: 1-50000).")] = 50_000,
     window_segments: WindowOption = 4,
     no_memory: NoMemoryOption = False,
     json_path: JsonOption = None,
@@ -476,7 +479,8 @@ def passkey(
 
     with reported():
         settings = PasskeySettings(tuple(parse_lengths(lengths)), tuple(parse_depths(depths)),
-                                   samples, seed, window_segments, not no_memory, max_new_tokens)
+                                   samples, seed, window_segments, not no_memory, max_new_tokens,
+                                   key_min, key_max)
     loaded, tokenizer = _load(model, device, dtype)
     with reported("--lengths"):  # the shortest must hold the task, needle and question
         PasskeyGenerator(tokenizer).sample(settings.lengths[0], 0.0, seed=0)

@@ -46,6 +46,11 @@ class PasskeySettings:
     key_max: int = 50_000
     """Keys are drawn uniformly from [key_min, key_max] (Landmark's range by default)."""
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.key_min <= self.key_max:
+            raise ValueError(f"keys in [{self.key_min}, {self.key_max}]: need 0 <= key_min <= "
+                             "key_max (--key-min, --key-max)")
+
 
 @dataclass
 class PasskeyTrial:
