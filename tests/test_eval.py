@@ -144,23 +144,55 @@ def test_passkey_pipeline_scores_an_oracle_perfectly(workdir, monkeypatch):
     assert evaluate_passkey(model, tokenizer, settings).accuracy() == 0.0
 
 
+def test_passkey_offsets_find_the_end_position_a_model_fails_at(workdir, monkeypatch):
+    """--offsets spreads each length over a segment's end positions; a stand-in model that fails
+    only where the prompt ends 8 tokens into a segment is found there, and only there."""
+    tokenizer = load_tokenizer(TOKENIZER)
+    model = random_model(vocab_size=VOCAB, segment_len=SEGMENT)
+    lengths_seen = []
+
+    def fails_at_8(model, prompt_ids, state, config, on_progress=None):
+        lengths_seen.append(len(prompt_ids))
+        key = tokenizer.decode(prompt_ids).split("The pass key is ")[1].split(".")[0]
+        answer = " 1" if len(prompt_ids) % SEGMENT == 8 else f" {key}"
+        return Generation(tokenizer.encode(answer), model.empty_state(1), len(prompt_ids), False,
+                          1.0, 0.1)
+
+    monkeypatch.setattr("infinitrain.evaluation.passkey.generate", fails_at_8)
+    settings = PasskeySettings(lengths=(512, 1000), depths=(0.0, 1.0), samples=2, offsets=4)
+    result = evaluate_passkey(model, tokenizer, settings)
+    assert sorted(set(lengths_seen)) == [512, 520, 528, 536, 1000, 1008, 1016, 1024]
+    assert len(result.trials) == 2 * 4 * 2 * 2
+    assert result.accuracy_by_end_position(1.0) == {0: 1.0, 8: 0.0, 16: 1.0, 24: 1.0}
+    assert result.accuracy(512) == 0.75 and result.accuracy(1000) == 0.75
+    assert result.worst_offset(512) == (8, 0.0) and result.worst_offset(1000) == (0, 0.0)
+    assert result.to_dict()["accuracy_by_end_position"]["0.0"][8] == 0.0
+    with pytest.raises(ValueError, match="offsets = 0"):
+        PasskeySettings(lengths=(512,), depths=(0.0,), offsets=0)
+
+
 def test_passkey_command_writes_table_json_and_heatmap(workdir):
     out = workdir / "passkey"
     code, stdout, _ = cli("eval", "passkey", "--model", workdir / "run", "--lengths", "1k,2K",
                           "--depths", "0,1", "--samples", "2", "--key-min", "50001",
-                          "--key-max", "99999", "--json", out / "r.json", "--plot", out / "r.png")
+                          "--key-max", "99999", "--offsets", "2", "--json", out / "r.json",
+                          "--plot", out / "r.png", "--offset-plot", out / "offsets.png")
     assert code == 0
     assert "Passkey retrieval" in stdout and "depth 1" in stdout and "2K" in stdout
+    assert "4 prompts per cell over 2 end positions" in stdout and "worst offset" in stdout
     report = json.loads((out / "r.json").read_text())
     assert report["settings"]["lengths"] == [1024, 2048]
     assert report["settings"]["use_memory"] is True
     assert report["model"]["path"].endswith("step-00000010")
     trials = report["results"]["trials"]
-    assert len(trials) == 8 and all(t["correct"] == (t["predicted"] == t["key"]) for t in trials)
+    assert len(trials) == 16 and all(t["correct"] == (t["predicted"] == t["key"]) for t in trials)
     assert all(50_001 <= t["key"] <= 99_999 for t in trials)
+    assert {(t["offset"], t["end_position"]) for t in trials} == {(0, 0), (SEGMENT // 2,
+                                                                           SEGMENT // 2)}
     for stats in report["results"]["lengths"].values():
         assert stats["tokens_per_second"] > 0 and stats["peak_memory_bytes"] > 0
     assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "offsets.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_no_memory_baseline_equals_closed_gates(workdir):

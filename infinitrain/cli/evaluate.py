@@ -462,6 +462,11 @@ def passkey(
     key_min: Annotated[int, typer.Option(help="Smallest key.")] = 1,
     key_max: Annotated[int, typer.Option(
         help="Largest key; keys are uniform in [key-min, key-max] (Landmark: 1-50000).")] = 50_000,
+    offsets: Annotated[int, typer.Option(
+        min=1, help="End positions per length, spread evenly over a segment (segment length: every "
+             "position); --samples prompts at each.")] = 1,
+    offset_plot: Annotated[Path | None, typer.Option(
+        help="Write accuracy against where the prompt ends in its last segment (PNG).")] = None,
     window_segments: WindowOption = 4,
     no_memory: NoMemoryOption = False,
     json_path: JsonOption = None,
@@ -472,19 +477,20 @@ def passkey(
     """Passkey retrieval (Landmark format, greedy) per length × depth, with bounded memory."""
     from ..data.passkey import PasskeyGenerator
     from ..evaluation.options import format_tokens, parse_depths, parse_lengths
-    from ..evaluation.passkey import PasskeySettings, evaluate_passkey
-    from ..evaluation.plots import heatmap
+    from ..evaluation.passkey import PasskeySettings, evaluate_passkey, length_offsets
+    from ..evaluation.plots import curves, heatmap
     from ..evaluation.report import write_json
     from ..evaluation.tables import passkey_table
 
     with reported():
         settings = PasskeySettings(tuple(parse_lengths(lengths)), tuple(parse_depths(depths)),
                                    samples, seed, window_segments, not no_memory, max_new_tokens,
-                                   key_min, key_max)
+                                   key_min, key_max, offsets)
     loaded, tokenizer = _load(model, device, dtype)
     with reported("--lengths"):  # the shortest must hold the task, needle and question
         PasskeyGenerator(tokenizer).sample(settings.lengths[0], 0.0, seed=0)
-    total = sum(settings.lengths) * len(settings.depths) * samples
+    added = length_offsets(settings, loaded.model.config.segment_len)
+    total = sum(n + a for n in settings.lengths for a in added) * len(settings.depths) * samples
     with _progress() as progress:
         task = progress.add_task("passkey prompts", total=total)
         result = evaluate_passkey(loaded.model, tokenizer, settings,
@@ -497,6 +503,14 @@ def passkey(
                 col_labels=[format_tokens(n) for n in settings.lengths], row_title="depth",
                 col_title="prompt length (tokens)", cmap="RdYlGn", fmt="{:.0%}")
         _written("plot", plot)
+    if offset_plot is not None:
+        by_depth = {f"depth {d:g}": result.accuracy_by_end_position(d) for d in settings.depths}
+        curves({name: list(acc.values()) for name, acc in by_depth.items()}, offset_plot,
+               x=list(next(iter(by_depth.values()))),
+               title="Passkey retrieval by where the prompt ends",
+               xlabel="prompt end: tokens into its last segment (0 = on a boundary)",
+               ylabel="exact match")
+        _written("offset plot", offset_plot)
     if json_path is not None:
         write_json(json_path, "eval passkey", loaded,
                    {**asdict(settings), "format": "landmark"}, result.to_dict())

@@ -3,13 +3,16 @@
 Each prompt is streamed through memory window by window and answered by greedy decoding; the
 answer counts when the first integer in the generated text is the key. Peak memory and prefill
 speed are measured per length: memory must not grow with the length, since only the compressive
-memory and one partial segment are kept.
+memory and one partial segment are kept. Where a segment boundary falls relative to the question
+and the answer matters as much as the length itself, so each length can also be evaluated at
+evenly spread end positions within a segment (``offsets``).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from itertools import product
 
 import numpy as np
 
@@ -45,8 +48,13 @@ class PasskeySettings:
     key_min: int = 1
     key_max: int = 50_000
     """Keys are drawn uniformly from [key_min, key_max] (Landmark's range by default)."""
+    offsets: int = 1
+    """End positions per length: a length L is evaluated at L + i·N // offsets tokens for
+    i < offsets (N the segment length), ``samples`` prompts each. 1: at L only."""
 
     def __post_init__(self) -> None:
+        if self.offsets < 1:
+            raise ValueError(f"offsets = {self.offsets}: must be >= 1 (--offsets)")
         if not 0 <= self.key_min <= self.key_max:
             raise ValueError(f"keys in [{self.key_min}, {self.key_max}]: need 0 <= key_min <= "
                              "key_max (--key-min, --key-max)")
@@ -60,6 +68,10 @@ class PasskeyTrial:
     output: str
     """The generated text."""
     predicted: int | None
+    offset: int = 0
+    """Tokens added to ``length``: the prompt is length + offset tokens long."""
+    end_position: int = 0
+    """Where the prompt ends in its last segment: (length + offset) mod N, 0 on a boundary."""
 
     @property
     def correct(self) -> bool:
@@ -92,12 +104,29 @@ class PasskeyResult:
                   if length in (None, t.length) and depth in (None, t.depth)]
         return sum(chosen) / len(chosen)
 
+    def accuracy_by_end_position(self, depth: float | None = None) -> dict[int, float]:
+        """Exact match per end position in the last segment (0: on a boundary), all lengths."""
+        hits: dict[int, list[bool]] = {}
+        for t in self.trials:
+            if depth in (None, t.depth):
+                hits.setdefault(t.end_position, []).append(t.correct)
+        return {p: sum(h) / len(h) for p, h in sorted(hits.items())}
+
+    def worst_offset(self, length: int) -> tuple[int, float]:
+        """The offset added to ``length`` with the lowest accuracy over all depths."""
+        offsets = sorted({t.offset for t in self.trials if t.length == length})
+        scores = {o: [t.correct for t in self.trials if t.length == length and t.offset == o]
+                  for o in offsets}
+        return min(((o, sum(h) / len(h)) for o, h in scores.items()), key=lambda x: x[1])
+
     def to_dict(self) -> dict:
         depths = self.settings.depths
         return {
             "accuracy": self.accuracy(),
             "accuracy_by_length": {str(n): {str(d): self.accuracy(n, d) for d in depths}
                                    for n in self.lengths},
+            "accuracy_by_end_position": {str(d): self.accuracy_by_end_position(d)
+                                         for d in depths},
             "lengths": {str(n): {**asdict(s), "tokens_per_second": s.tokens_per_second}
                         for n, s in self.lengths.items()},
             "trials": [{**asdict(t), "correct": t.correct} for t in self.trials],
@@ -110,10 +139,17 @@ def prompt_seed(seed: int, length: int, depth_index: int, index: int) -> int:
     return int(np.random.default_rng([seed, length, depth_index, index]).integers(2**62))
 
 
+def length_offsets(settings: PasskeySettings, segment_len: int) -> list[int]:
+    """Tokens added to each length: ``settings.offsets`` end positions spread over a segment."""
+    return [i * segment_len // settings.offsets for i in range(settings.offsets)]
+
+
 def evaluate_passkey(model: InfiniTransformer, tokenizer: Tokenizer, settings: PasskeySettings,
                      on_progress: ProgressFn | None = None) -> PasskeyResult:
-    """Every length × depth × sample, shortest length first."""
+    """Every length × offset × depth × sample, shortest length first."""
     device = model.embed_tokens.weight.device
+    segment = model.config.segment_len
+    offsets = length_offsets(settings, segment)
     prompts = PasskeyGenerator(tokenizer, settings.key_min, settings.key_max)
     config = GenerationConfig(max_new_tokens=settings.max_new_tokens,
                               eos_token_id=tokenizer.eos_id,
@@ -123,16 +159,18 @@ def evaluate_passkey(model: InfiniTransformer, tokenizer: Tokenizer, settings: P
     for length in settings.lengths:
         tokens, seconds = 0, 0.0
         with PeakMemory(device) as peak:
-            for d, depth in enumerate(settings.depths):
-                for i in range(settings.samples):
-                    sample = prompts.sample(length, depth,
-                                            seed=prompt_seed(settings.seed, length, d, i))
-                    out = generate(model, sample.prompt_ids, None, config, on_progress)
-                    text = tokenizer.decode(out.tokens)
-                    result.trials.append(PasskeyTrial(length, depth, sample.key, text,
-                                                      first_integer(text)))
-                    tokens += out.prompt_tokens
-                    seconds += out.prefill_seconds
+            for offset, (d, depth), i in product(offsets, enumerate(settings.depths),
+                                                 range(settings.samples)):
+                prompt_length = length + offset
+                sample = prompts.sample(prompt_length, depth,
+                                        seed=prompt_seed(settings.seed, prompt_length, d, i))
+                out = generate(model, sample.prompt_ids, None, config, on_progress)
+                text = tokenizer.decode(out.tokens)
+                result.trials.append(PasskeyTrial(length, depth, sample.key, text,
+                                                  first_integer(text), offset,
+                                                  prompt_length % segment))
+                tokens += out.prompt_tokens
+                seconds += out.prefill_seconds
         result.lengths[length] = LengthStats(tokens, seconds, peak.bytes, peak.kind,
                                              out.state.nbytes())
     return result

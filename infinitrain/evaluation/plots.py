@@ -57,12 +57,13 @@ def _binned(ys: Sequence[float], max_points: int) -> tuple[list[float], list[flo
 
 
 def curves(series: Mapping[str, Sequence[float]], path: str | Path, *, title: str, xlabel: str,
-           ylabel: str, max_points: int = 100) -> Path:
-    """One line per named series against its index, averaged into at most ``max_points`` bins."""
+           ylabel: str, max_points: int = 100, x: Sequence[float] | None = None) -> Path:
+    """One line per named series against ``x`` or, without it, against its index averaged into
+    at most ``max_points`` bins."""
     figure = Figure(figsize=(7, 4))
     axes = figure.add_subplot()
     for name, ys in series.items():
-        xs, means = _binned(ys, max_points)
+        xs, means = (list(x), list(ys)) if x is not None else _binned(ys, max_points)
         axes.plot(xs, means, label=name, marker="." if len(xs) < 60 else None)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)

@@ -26,19 +26,26 @@ def _percent(value: float) -> str:
 def passkey_table(result: PasskeyResult) -> Table:
     settings = result.settings
     memory = "memory" if settings.use_memory else "memory disabled"
-    table = Table(title=f"Passkey retrieval, exact match ({settings.samples} prompts per cell, "
-                        f"{memory})")
+    spread = f" over {settings.offsets} end positions" if settings.offsets > 1 else ""
+    table = Table(title=f"Passkey retrieval, exact match ({settings.samples * settings.offsets} "
+                        f"prompts per cell{spread}, {memory})")
     table.add_column("length", justify="right")
     for depth in settings.depths:
         table.add_column(f"depth {depth:g}", justify="right")
     table.add_column("all", justify="right")
+    if settings.offsets > 1:
+        table.add_column("worst offset", justify="right")
     table.add_column("prefill tokens/s", justify="right")
     table.add_column("peak memory", justify="right")
     for length, stats in result.lengths.items():
+        worst = []
+        if settings.offsets > 1:
+            offset, accuracy = result.worst_offset(length)
+            worst = [f"+{offset}: {_percent(accuracy)}"]
         table.add_row(format_tokens(length),
                       *(_percent(result.accuracy(length, d)) for d in settings.depths),
-                      _percent(result.accuracy(length)), f"{stats.tokens_per_second:,.0f}",
-                      human_bytes(stats.peak_memory_bytes))
+                      _percent(result.accuracy(length)), *worst,
+                      f"{stats.tokens_per_second:,.0f}", human_bytes(stats.peak_memory_bytes))
     return table
 
 
