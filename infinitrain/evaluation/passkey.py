@@ -11,6 +11,7 @@ evenly spread end positions within a segment (``offsets``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import product
 
@@ -104,20 +105,22 @@ class PasskeyResult:
                   if length in (None, t.length) and depth in (None, t.depth)]
         return sum(chosen) / len(chosen)
 
+    def _accuracy_by(self, group: Callable[[PasskeyTrial], int],
+                     keep: Callable[[PasskeyTrial], bool]) -> dict[int, float]:
+        """Exact match of the kept trials per ``group`` value, in ascending order."""
+        hits: dict[int, list[bool]] = {}
+        for t in filter(keep, self.trials):
+            hits.setdefault(group(t), []).append(t.correct)
+        return {g: sum(h) / len(h) for g, h in sorted(hits.items())}
+
     def accuracy_by_end_position(self, depth: float | None = None) -> dict[int, float]:
         """Exact match per end position in the last segment (0: on a boundary), all lengths."""
-        hits: dict[int, list[bool]] = {}
-        for t in self.trials:
-            if depth in (None, t.depth):
-                hits.setdefault(t.end_position, []).append(t.correct)
-        return {p: sum(h) / len(h) for p, h in sorted(hits.items())}
+        return self._accuracy_by(lambda t: t.end_position, lambda t: depth in (None, t.depth))
 
     def worst_offset(self, length: int) -> tuple[int, float]:
         """The offset added to ``length`` with the lowest accuracy over all depths."""
-        offsets = sorted({t.offset for t in self.trials if t.length == length})
-        scores = {o: [t.correct for t in self.trials if t.length == length and t.offset == o]
-                  for o in offsets}
-        return min(((o, sum(h) / len(h)) for o, h in scores.items()), key=lambda x: x[1])
+        by_offset = self._accuracy_by(lambda t: t.offset, lambda t: t.length == length)
+        return min(by_offset.items(), key=lambda item: item[1])
 
     def to_dict(self) -> dict:
         depths = self.settings.depths
