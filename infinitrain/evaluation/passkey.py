@@ -69,9 +69,9 @@ class PasskeyTrial:
     output: str
     """The generated text."""
     predicted: int | None
-    offset: int = 0
+    offset: int
     """Tokens added to ``length``: the prompt is length + offset tokens long."""
-    end_position: int = 0
+    end_position: int
     """Where the prompt ends in its last segment: (length + offset) mod N, 0 on a boundary."""
 
     @property
