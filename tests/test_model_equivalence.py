@@ -15,13 +15,15 @@ from infinitrain.model.attention import InfiniAttention
 def small_config(rule: str = "delta", **overrides):
     """``rule`` is a memory rule, or "deltanet-gated" for deltanet with the write gate,
     "deltanet-clamp" for the write gate clamped to [0, 1], "deltanet-signed" for deltanet with
-    signed features, "deltanet-local0" for deltanet with a local-only first layer."""
+    signed features, "deltanet-local0" for deltanet with a local-only first layer, "-overlap"
+    for local attention that also reads the previous segment's last 3 tokens."""
     base, _, variant = rule.partition("-")
     values = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                   segment_len=8, memory_rule=base, memory_write_gate=variant in ("gated", "clamp"),
                   write_gate_activation="clamp" if variant == "clamp" else "sigmoid",
                   memory_features="signed" if variant == "signed" else "elu",
-                  memory_from_layer=int(variant == "local0"))
+                  memory_from_layer=int(variant == "local0"),
+                  local_overlap=3 if variant == "overlap" else 0)
     values.update(overrides)
     return preset("tiny", **values)
 
@@ -59,9 +61,9 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
             return logit.clamp(0, 1)
         return torch.sigmoid(logit)
 
-    def rope(t):  # t [L, d]; positions restart at 0 in every segment
+    def rope(t, first=0):  # t [L, d]; positions restart at 0 in every segment
         half = d // 2
-        pos = torch.arange(t.shape[0], dtype=torch.float32)[:, None]
+        pos = torch.arange(first, first + t.shape[0], dtype=torch.float32)[:, None]
         freq = cfg.rope_theta ** (-torch.arange(half, dtype=torch.float32) * 2 / d)
         cos, sin = torch.cos(pos * freq), torch.sin(pos * freq)
         a, b = t[:, :half], t[:, half:]
@@ -76,9 +78,13 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
             for start in range(0, length, n):
                 xs = x[bi, start:start + n]
                 q, k, v = xs @ wq[h].T, xs @ wk[kv].T, xs @ wv[kv].T
-                scores = rope(q) @ rope(k).T / math.sqrt(d)
-                causal = torch.ones(n, n).tril().bool()
-                local = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
+                context = x[bi, max(start - cfg.local_overlap, 0):start]  # previous segment's end
+                w = context.shape[0]
+                k_seen = torch.cat([context @ wk[kv].T, k])
+                v_seen = torch.cat([context @ wv[kv].T, v])
+                scores = rope(q) @ rope(k_seen, -w).T / math.sqrt(d)
+                causal = torch.ones(n, w + n).tril(w).bool()
+                local = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v_seen
                 empty = norm.abs().sum() == 0  # first segment: retrieval defined as 0
                 if deltanet:
                     mem = sigma(q) @ memory
@@ -93,14 +99,15 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
                         beta_t = write_strength(k[t], kv)
                         memory = memory + beta_t * key.T @ (v[t:t + 1] - key @ memory)
                     continue
-                if rule == "delta" and not empty:
+                if cfg.memory_rule == "delta" and not empty:
                     v = v - (sigma(k) @ memory) / (sigma(k) @ norm)[:, None]
                 memory = memory + sigma(k).T @ v
                 norm = norm + sigma(k).sum(0)
     return out.reshape(batch, length, -1) @ attn.o_proj.weight.T
 
 
-RULES = ["linear", "delta", "deltanet", "deltanet-gated", "deltanet-clamp", "deltanet-signed"]
+RULES = ["linear", "delta", "deltanet", "deltanet-gated", "deltanet-clamp", "deltanet-signed",
+         "delta-overlap", "deltanet-overlap"]
 MODEL_RULES = [*RULES, "deltanet-local0"]
 """Model-level variants: memory_from_layer changes which layers have memory, not one layer."""
 
@@ -124,8 +131,8 @@ def chunked_forward(model, ids, sizes, reset=None):
     n = model.config.segment_len
     for size in sizes:
         chunk_reset = None
-        if reset is not None:  # chunks here start on segment boundaries
-            chunk_reset = reset[:, start // n:(start + size + n - 1) // n]
+        if reset is not None:  # the segments that start inside this chunk
+            chunk_reset = reset[:, -(-start // n):-(-(start + size) // n)]
         out, state = model(ids[:, start:start + size], state, chunk_reset)
         logits.append(out)
         start += size
@@ -150,7 +157,8 @@ def test_chunk_invariance_of_logits_state_and_gradients(rule: str) -> None:
         return logits.detach(), state, grads
 
     full, full_state, full_grads = run([6 * n])
-    for sizes in ([n] * 6, [2 * n, 3 * n, n]):
+    # The last split starts a reset segment mid-chunk and completes it in the next chunk.
+    for sizes in ([n] * 6, [2 * n, 3 * n, n], [2 * n + 3, 2 * n, 2 * n - 3]):
         logits, state, grads = run(sizes)
         assert (logits - full).abs().max() <= 1e-5
         for ours, theirs in zip(state.layers, full_state.layers, strict=True):
@@ -200,9 +208,10 @@ def test_local_only_layers_equal_a_memory_layer_gated_shut() -> None:
     assert on_meta.memory_gates().device.type == "meta"
 
 
-def test_reset_equals_starting_a_fresh_stream() -> None:
+@pytest.mark.parametrize("rule", ["delta", "delta-overlap"])
+def test_reset_equals_starting_a_fresh_stream(rule: str) -> None:
     torch.manual_seed(3)
-    model = InfiniTransformer(small_config("delta")).eval()
+    model = InfiniTransformer(small_config(rule)).eval()
     n = model.config.segment_len
     ids = torch.randint(0, 97, (1, 4 * n))
     reset = torch.tensor([[False, False, True, False]])

@@ -162,9 +162,10 @@ def test_presets_match_llama_shapes(name: str, llama_params: int) -> None:
     assert state.memory_nbytes() == expected
 
 
-def test_state_round_trips_through_safetensors(tmp_path) -> None:
+@pytest.mark.parametrize("overlap", [0, 3])
+def test_state_round_trips_through_safetensors(tmp_path, overlap: int) -> None:
     torch.manual_seed(0)
-    model = InfiniTransformer(small_config()).eval()
+    model = InfiniTransformer(small_config(local_overlap=overlap)).eval()
     ids = torch.randint(0, 97, (2, 21))  # ends mid-segment: the partial KV is saved too
     with torch.no_grad():
         _, state = model(ids[:, :13])
@@ -173,6 +174,7 @@ def test_state_round_trips_through_safetensors(tmp_path) -> None:
         expected, _ = model(ids[:, 13:], state)
         got, _ = model(ids[:, 13:], restored)
     assert restored.partial_len == 5
+    assert restored.layers[0].context_keys.shape[1] == overlap  # the overlap context too
     assert torch.equal(expected, got)
     assert restored.nbytes() == state.nbytes()
 
@@ -185,7 +187,8 @@ def test_state_round_trips_through_safetensors(tmp_path) -> None:
      ({"memory_features": "relu"}, "memory_features"),
      ({"memory_from_layer": 2}, "memory_from_layer"),
      ({"memory_features": "signed"}, "memory_features"),
-     ({"write_gate_activation": "relu"}, "write_gate_activation")],
+     ({"write_gate_activation": "relu"}, "write_gate_activation"),
+     ({"local_overlap": 9}, "local_overlap"), ({"local_overlap": -1}, "local_overlap")],
 )
 def test_invalid_config_names_the_field(overrides, field) -> None:
     with pytest.raises(ConfigError, match=f"model.{field}"):

@@ -89,6 +89,7 @@ def load_state(path: str | Path, config: ModelConfig,
     state = InfiniState.from_state_dict(tensors)
     if dtype is not None:
         for layer in state.layers:
-            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+            for name in ("keys", "values", "context_keys", "context_values"):
+                setattr(layer, name, getattr(layer, name).to(dtype))
     return SavedState(state, int(metadata["tokens_read"]), metadata.get("source", ""),
                       metadata.get("model", ""))

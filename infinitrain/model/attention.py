@@ -9,6 +9,8 @@ stream is chunked.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,16 +26,22 @@ except ImportError:  # pragma: no cover - exercised only where flash-attn is ins
     flash_attn_func = None
 
 
-def local_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def local_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
     """Causal attention where the L_q queries are the last L_q of the L_k key positions.
 
     q [b, L_q, H_q, d], k/v [b, L_k, H_kv, d] -> [b, L_q, H_q, d]. Query head h reads key/value
-    head h // (H_q / H_kv), the grouping the memory uses too.
+    head h // (H_q / H_kv), the grouping the memory uses too. key_mask [b, L_k] bool hides the
+    keys where it is False from every query (an overlap context a reset made stale).
     """
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if (key_mask is None and flash_attn_func is not None and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)):
         return flash_attn_func(q, k, v, causal=True)  # bottom-right aligned causal mask
     q_len, k_len = q.shape[1], k.shape[1]
-    if q_len == k_len:
+    if key_mask is not None:
+        causal = torch.arange(k_len, device=q.device) <= torch.arange(k_len - q_len, k_len,
+                                                                       device=q.device)[:, None]
+        mask, causal = causal & key_mask[:, None, None, :], False
+    elif q_len == k_len:
         mask, causal = None, True
     elif q_len == 1:
         mask, causal = None, False
@@ -46,6 +54,16 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         is_causal=causal, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
+
+
+def with_context(context: Tensor, visible: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Prepend an overlap context [b, w, ...] to ``tokens`` [b, L, ...]; the key mask to pass to
+    :func:`local_attention` alongside, None when every context key is visible."""
+    joined = torch.cat([context, tokens], dim=1)
+    if visible.shape[1] == 0 or bool(visible.all()):
+        return joined, None
+    rest = torch.ones(visible.shape[0], tokens.shape[1], dtype=torch.bool, device=visible.device)
+    return joined, torch.cat([visible, rest], dim=1)
 
 
 def group_queries(x: Tensor, n_kv_heads: int) -> Tensor:
@@ -164,17 +182,25 @@ class InfiniAttention(nn.Module):
                   reset: Tensor | None) -> tuple[tuple[Tensor, Tensor | None], LayerState]:
         """A run of S whole segments: local attention batched over segments, memory scanned."""
         b, t, h_q, d = q.shape
-        n = self.config.segment_len
+        n, w = self.config.segment_len, self.config.local_overlap
         s = t // n
-        positions = torch.arange(n, device=q.device)
+        keys, values = k.view(b, s, n, -1, d), v.view(b, s, n, -1, d)
+        context_keys, context_values, visible = segment_contexts(keys, values, state, reset, w)
+        positions = torch.arange(-w, n, device=q.device)
         inv_freq = rope_frequencies(self.config, q.device)
+        segment_keys, key_mask = with_context(context_keys.flatten(0, 1), visible.flatten(0, 1),
+                                              keys.flatten(0, 1))
         local = local_attention(
-            apply_rope(q.reshape(b * s, n, h_q, d), positions, inv_freq),
-            apply_rope(k.reshape(b * s, n, -1, d), positions, inv_freq),
-            v.reshape(b * s, n, -1, d),
+            apply_rope(q.reshape(b * s, n, h_q, d), positions[w:], inv_freq),
+            apply_rope(segment_keys, positions, inv_freq),
+            torch.cat([context_values, values], dim=2).flatten(0, 1),
+            key_mask,
         ).reshape(b, t, h_q, d)
+        new_state = replace(state, context_keys=keys[:, -1, n - w:],
+                            context_values=values[:, -1, n - w:],
+                            context_visible=torch.ones(b, w, dtype=torch.bool, device=q.device))
         if not self.has_memory:
-            return (local, None), state
+            return (local, None), new_state
         rule = self.config.memory_rule
         sigma_q = group_queries(self.features(q).view(b, s, n, h_q, d), k.shape[2])
         strength = self.write_strength(k)
@@ -184,28 +210,31 @@ class InfiniAttention(nn.Module):
             sigma_q, by_kv_head(self.features(k), s), by_kv_head(v, s),
             state.memory, state.norm, rule, reset, strength,
         )
-        new_state = LayerState(memory, norm, state.keys, state.values)
-        return (local, ungroup_queries(retrieved, n)), new_state
+        return (local, ungroup_queries(retrieved, n)), replace(new_state, memory=memory, norm=norm)
 
     def _partial(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState,
                  reset: Tensor | None) -> tuple[tuple[Tensor, Tensor | None], LayerState]:
         """Tokens within one segment that the state already holds a prefix of (maybe empty).
 
-        Queries attend to the cached prefix; the segment is folded into memory once complete.
+        Queries attend to the overlap context and the cached prefix; the segment is folded into
+        memory once complete.
         """
-        memory, norm = state.memory, state.norm
+        memory, norm, visible = state.memory, state.norm, state.context_visible
         if reset is not None:
             memory = torch.where(reset[:, None, None, None], torch.zeros_like(memory), memory)
             norm = torch.where(reset[:, None, None], torch.zeros_like(norm), norm)
+            visible = visible & ~reset[:, None]
         keys = torch.cat([state.keys, k], dim=1)
         values = torch.cat([state.values, v], dim=1)
-        total, length = keys.shape[1], q.shape[1]
-        positions = torch.arange(total, device=q.device)
+        w, total, length = state.context_keys.shape[1], keys.shape[1], q.shape[1]
+        positions = torch.arange(-w, total, device=q.device)
         inv_freq = rope_frequencies(self.config, q.device)
+        attended_keys, key_mask = with_context(state.context_keys, visible, keys)
         local = local_attention(
-            apply_rope(q, positions[total - length:], inv_freq),
-            apply_rope(keys, positions, inv_freq),
-            values,
+            apply_rope(q, positions[w + total - length:], inv_freq),
+            apply_rope(attended_keys, positions, inv_freq),
+            torch.cat([state.context_values, values], dim=1),
+            key_mask,
         )
         complete = total == self.config.segment_len
         retrieved = None
@@ -219,6 +248,35 @@ class InfiniAttention(nn.Module):
                 memory, norm = update(self.features(keys).transpose(1, 2),
                                       values.transpose(1, 2), memory, norm, rule,
                                       None if strength is None else strength.transpose(1, 2))
+        new_state = LayerState(memory, norm, keys, values, state.context_keys,
+                               state.context_values, visible)
         if complete:
-            keys, values = keys[:, :0], values[:, :0]
-        return (local, retrieved), LayerState(memory, norm, keys, values)
+            overlap = self.config.local_overlap
+            new_state = replace(
+                new_state, keys=keys[:, :0], values=values[:, :0],
+                context_keys=keys[:, total - overlap:], context_values=values[:, total - overlap:],
+                context_visible=torch.ones(keys.shape[0], overlap, dtype=torch.bool,
+                                           device=keys.device))
+        return (local, retrieved), new_state
+
+
+def segment_contexts(keys: Tensor, values: Tensor, state: LayerState, reset: Tensor | None,
+                     overlap: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The overlap context of each of S whole segments: the last W keys/values of the segment
+    before it (the state's for the first, left-padded while the stream has read less).
+
+    keys/values [B, S, N, H_kv, d] -> context keys/values [B, S, W, H_kv, d] and visible
+    [B, S, W] bool, False on padding and before a reset.
+    """
+    b, s, n = keys.shape[:3]
+    missing = overlap - state.context_keys.shape[1]
+    first_keys = F.pad(state.context_keys, (0, 0, 0, 0, missing, 0))
+    first_values = F.pad(state.context_values, (0, 0, 0, 0, missing, 0))
+    first_visible = F.pad(state.context_visible, (missing, 0), value=False)
+    context_keys = torch.cat([first_keys[:, None], keys[:, :-1, n - overlap:]], dim=1)
+    context_values = torch.cat([first_values[:, None], values[:, :-1, n - overlap:]], dim=1)
+    visible = torch.cat([first_visible[:, None],
+                         first_visible.new_ones(b, s - 1, overlap)], dim=1)
+    if reset is not None:
+        visible = visible & ~reset[:, :, None]
+    return context_keys, context_values, visible

@@ -30,7 +30,13 @@ class ModelConfig:
     head_dim: int = 0
     """Width of one head; 0 means d_model // n_heads."""
     segment_len: int = 2048
-    """N: tokens per segment. Local softmax attention never looks across a segment boundary."""
+    """N: tokens per segment. Local softmax attention never looks across a segment boundary
+    (unless ``local_overlap`` > 0)."""
+    local_overlap: int = 0
+    """W: tokens at the end of the previous segment that local attention also reads (not in the
+    paper: 0). Like Transformer-XL's cache, but bounded: the state keeps W keys/values per layer.
+    It leaves the memory alone (each token is still written once, with its own segment) and lets
+    a question, key or answer that a boundary cuts be read whole (docs/memory-length.md §14)."""
     memory_rule: str = "delta"
     """'linear' (M += σ(K)ᵀV) or 'delta' (M += σ(K)ᵀ(V − retrieved)), the paper's rules; or
     'deltanet', a length-robust variant (unit-norm features, unnormalised read, token-sequential
@@ -83,6 +89,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model.{name} = {value!r}: must be a positive integer")
+        overlap = self.local_overlap
+        if not isinstance(overlap, int) or not 0 <= overlap <= self.segment_len:
+            raise ConfigError(f"model.local_overlap = {overlap!r}: must be an integer in "
+                              f"[0, segment_len = {self.segment_len}] (0: the paper's local "
+                              "attention, which stops at the segment boundary)")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_kv_heads = {self.n_kv_heads}: must divide model.n_heads = {self.n_heads} "

@@ -2,12 +2,13 @@
 
 Per layer: the compressive memory ``M`` [B, H_kv, d_k, d_v] and normaliser ``z`` [B, H_kv, d_k],
 always float32, plus the keys/values of the current partial segment (fewer than N tokens) so that
-token-by-token generation stays bounded too. The size does not depend on how many tokens were read.
+token-by-token generation stays bounded too, and with ``model.local_overlap`` = W the last W
+keys/values of the previous segment. The size does not depend on how many tokens were read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -23,6 +24,13 @@ class LayerState:
     """Keys of the partial segment, before RoPE: [B, p, H_kv, d_k] with 0 ≤ p < N."""
     values: Tensor
     """Values of the partial segment: [B, p, H_kv, d_v]."""
+    context_keys: Tensor
+    """Keys before RoPE of the previous segment's last W tokens that local attention also reads:
+    [B, w, H_kv, d_k], w = 0 before the first segment is complete (and always when W = 0)."""
+    context_values: Tensor
+    """Their values: [B, w, H_kv, d_v]."""
+    context_visible: Tensor
+    """[B, w] bool: False where a stream was reset since (a new document does not read the last)."""
 
     @classmethod
     def empty(cls, batch: int, n_kv_heads: int, head_dim: int, device: torch.device | str | None,
@@ -33,10 +41,13 @@ class LayerState:
             norm=torch.zeros(batch, n_kv_heads, head_dim, device=device, dtype=torch.float32),
             keys=torch.zeros(batch, 0, n_kv_heads, head_dim, device=device, dtype=dtype),
             values=torch.zeros(batch, 0, n_kv_heads, head_dim, device=device, dtype=dtype),
+            context_keys=torch.zeros(batch, 0, n_kv_heads, head_dim, device=device, dtype=dtype),
+            context_values=torch.zeros(batch, 0, n_kv_heads, head_dim, device=device, dtype=dtype),
+            context_visible=torch.zeros(batch, 0, device=device, dtype=torch.bool),
         )
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"memory": self.memory, "norm": self.norm, "keys": self.keys, "values": self.values}
+        return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
 @dataclass
@@ -89,8 +100,8 @@ class InfiniState:
     def from_state_dict(cls, tensors: dict[str, Tensor]) -> InfiniState:
         n_layers = 1 + max(int(name.split(".")[1]) for name in tensors)
         try:
-            return cls([LayerState(**{field: tensors[f"layers.{i}.{field}"]
-                                      for field in ("memory", "norm", "keys", "values")})
+            return cls([LayerState(**{field.name: tensors[f"layers.{i}.{field.name}"]
+                                      for field in fields(LayerState)})
                         for i in range(n_layers)])
         except KeyError as missing:
             raise ValueError(f"memory state is missing tensor {missing}; was it saved by "
