@@ -211,8 +211,10 @@ def test_load_exported_is_exact_and_declines_other_directories(exported, core, r
 
 @pytest.mark.parametrize("variant", [{"tie": False}, {"memory_from_layer": 1},
                                      {"memory_rule": "deltanet", "memory_write_gate": True,
-                                      "write_gate_activation": "clamp", "write_gate_init": 0.5}],
-                         ids=["untied", "local-only first layer", "clamped write gate"])
+                                      "write_gate_activation": "clamp", "write_gate_init": 0.5},
+                                     {"local_overlap": 3}],
+                         ids=["untied", "local-only first layer", "clamped write gate",
+                              "local overlap"])
 def test_model_variants_round_trip(tmp_path, variant):
     step = write_run(tmp_path / "run", **variant)
     assert export(step, tmp_path / "hf").exit_code == 0
