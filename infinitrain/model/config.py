@@ -36,7 +36,8 @@ class ModelConfig:
     """W: tokens at the end of the previous segment that local attention also reads (not in the
     paper: 0). Like Transformer-XL's cache, but bounded: the state keeps W keys/values per layer.
     It leaves the memory alone (each token is still written once, with its own segment) and lets
-    a question, key or answer that a boundary cuts be read whole (docs/memory-length.md §14)."""
+    a question, key or answer that a boundary cuts be read whole (docs/memory-length.md §14).
+    Segments whose context a reset hides (a new document) use SDPA with a mask, not flash-attn."""
     memory_rule: str = "delta"
     """'linear' (M += σ(K)ᵀV) or 'delta' (M += σ(K)ᵀ(V − retrieved)), the paper's rules; or
     'deltanet', a length-robust variant (unit-norm features, unnormalised read, token-sequential
