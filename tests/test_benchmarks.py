@@ -57,7 +57,7 @@ def test_dense_and_memory_flops_match_torch_flop_counter(gpu: ModuleType, rule: 
     config = preset("tiny", memory_rule=rule)
     model = InfiniTransformer(config)
     tokens = 3 * config.segment_len
-    with (mock.patch.object(attention_module, "local_attention", lambda q, k, v: q),
+    with (mock.patch.object(attention_module, "local_attention", lambda q, *_: q),
           FlopCounterMode(display=False) as counter, torch.no_grad()):
         model(torch.randint(0, config.vocab_size, (1, tokens)))
     per_token = gpu.forward_flops_per_token(config)
