@@ -56,14 +56,19 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = N
     return out.transpose(1, 2)
 
 
-def with_context(context: Tensor, visible: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Prepend an overlap context [b, w, ...] to ``tokens`` [b, L, ...]; the key mask to pass to
-    :func:`local_attention` alongside, None when every context key is visible."""
-    joined = torch.cat([context, tokens], dim=1)
-    if visible.shape[1] == 0 or bool(visible.all()):
-        return joined, None
-    rest = torch.ones(visible.shape[0], tokens.shape[1], dtype=torch.bool, device=visible.device)
-    return joined, torch.cat([visible, rest], dim=1)
+def with_context(keys: Tensor, values: Tensor, context_keys: Tensor, context_values: Tensor,
+                 visible: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Prepend an overlap context [b, w, H_kv, d] to keys/values [b, L, H_kv, d], with the key
+    mask to pass to :func:`local_attention` (None when every context key is visible). Without a
+    context (w = 0) the inputs come back as they are."""
+    if visible.shape[1] == 0:
+        return keys, values, None
+    keys = torch.cat([context_keys, keys], dim=1)
+    values = torch.cat([context_values, values], dim=1)
+    if bool(visible.all()):
+        return keys, values, None
+    rest = visible.new_ones(visible.shape[0], keys.shape[1] - visible.shape[1])
+    return keys, values, torch.cat([visible, rest], dim=1)
 
 
 def group_queries(x: Tensor, n_kv_heads: int) -> Tensor:
@@ -188,13 +193,12 @@ class InfiniAttention(nn.Module):
         context_keys, context_values, visible = segment_contexts(keys, values, state, reset, w)
         positions = torch.arange(-w, n, device=q.device)
         inv_freq = rope_frequencies(self.config, q.device)
-        segment_keys, key_mask = with_context(context_keys.flatten(0, 1), visible.flatten(0, 1),
-                                              keys.flatten(0, 1))
+        seen_keys, seen_values, key_mask = with_context(
+            keys.flatten(0, 1), values.flatten(0, 1), context_keys.flatten(0, 1),
+            context_values.flatten(0, 1), visible.flatten(0, 1))
         local = local_attention(
             apply_rope(q.reshape(b * s, n, h_q, d), positions[w:], inv_freq),
-            apply_rope(segment_keys, positions, inv_freq),
-            torch.cat([context_values, values], dim=2).flatten(0, 1),
-            key_mask,
+            apply_rope(seen_keys, positions, inv_freq), seen_values, key_mask,
         ).reshape(b, t, h_q, d)
         new_state = replace(state, context_keys=keys[:, -1, n - w:],
                             context_values=values[:, -1, n - w:],
@@ -229,12 +233,11 @@ class InfiniAttention(nn.Module):
         w, total, length = state.context_keys.shape[1], keys.shape[1], q.shape[1]
         positions = torch.arange(-w, total, device=q.device)
         inv_freq = rope_frequencies(self.config, q.device)
-        attended_keys, key_mask = with_context(state.context_keys, visible, keys)
+        seen_keys, seen_values, key_mask = with_context(keys, values, state.context_keys,
+                                                        state.context_values, visible)
         local = local_attention(
             apply_rope(q, positions[w + total - length:], inv_freq),
-            apply_rope(attended_keys, positions, inv_freq),
-            torch.cat([state.context_values, values], dim=1),
-            key_mask,
+            apply_rope(seen_keys, positions, inv_freq), seen_values, key_mask,
         )
         complete = total == self.config.segment_len
         retrieved = None
