@@ -37,18 +37,16 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = N
             and q.dtype in (torch.float16, torch.bfloat16)):
         return flash_attn_func(q, k, v, causal=True)  # bottom-right aligned causal mask
     q_len, k_len = q.shape[1], k.shape[1]
-    if key_mask is not None:
-        causal = torch.arange(k_len, device=q.device) <= torch.arange(k_len - q_len, k_len,
-                                                                       device=q.device)[:, None]
-        mask, causal = causal & key_mask[:, None, None, :], False
-    elif q_len == k_len:
+    if key_mask is None and q_len == k_len:
         mask, causal = None, True
-    elif q_len == 1:
+    elif key_mask is None and q_len == 1:
         mask, causal = None, False
     else:
         key_pos = torch.arange(k_len, device=q.device)
         query_pos = torch.arange(k_len - q_len, k_len, device=q.device)
         mask, causal = key_pos[None, :] <= query_pos[:, None], False
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
         is_causal=causal, enable_gqa=q.shape[2] != k.shape[2],
@@ -200,9 +198,7 @@ class InfiniAttention(nn.Module):
             apply_rope(q.reshape(b * s, n, h_q, d), positions[w:], inv_freq),
             apply_rope(seen_keys, positions, inv_freq), seen_values, key_mask,
         ).reshape(b, t, h_q, d)
-        new_state = replace(state, context_keys=keys[:, -1, n - w:],
-                            context_values=values[:, -1, n - w:],
-                            context_visible=torch.ones(b, w, dtype=torch.bool, device=q.device))
+        new_state = closing_segment(state, keys[:, -1], values[:, -1], w)
         if not self.has_memory:
             return (local, None), new_state
         rule = self.config.memory_rule
@@ -254,13 +250,18 @@ class InfiniAttention(nn.Module):
         new_state = LayerState(memory, norm, keys, values, state.context_keys,
                                state.context_values, visible)
         if complete:
-            overlap = self.config.local_overlap
-            new_state = replace(
-                new_state, keys=keys[:, :0], values=values[:, :0],
-                context_keys=keys[:, total - overlap:], context_values=values[:, total - overlap:],
-                context_visible=torch.ones(keys.shape[0], overlap, dtype=torch.bool,
-                                           device=keys.device))
+            new_state = replace(closing_segment(new_state, keys, values, self.config.local_overlap),
+                                keys=keys[:, :0], values=values[:, :0])
         return (local, retrieved), new_state
+
+
+def closing_segment(state: LayerState, keys: Tensor, values: Tensor, overlap: int) -> LayerState:
+    """``state`` once a segment with these keys/values [B, N, H_kv, d] is complete: its last W
+    tokens become the overlap context the next segment reads, visible to every stream."""
+    last = slice(keys.shape[1] - overlap, None)
+    return replace(state, context_keys=keys[:, last], context_values=values[:, last],
+                   context_visible=torch.ones(keys.shape[0], overlap, dtype=torch.bool,
+                                              device=keys.device))
 
 
 def segment_contexts(keys: Tensor, values: Tensor, state: LayerState, reset: Tensor | None,
