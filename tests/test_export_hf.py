@@ -16,7 +16,7 @@ from infinitrain.cli import app
 from infinitrain.data import load_tokenizer
 from infinitrain.export import load_exported
 from infinitrain.export.hf import core_files
-from infinitrain.inference import GenerationConfig, generate
+from infinitrain.inference import GenerationConfig, SamplingConfig, generate
 from infinitrain.inference.loading import load_model
 from infinitrain.model import InfiniTransformer, preset
 from infinitrain.model_dir import load_model_dir, save_model_dir
@@ -28,6 +28,22 @@ TEXT = "It is a truth universally acknowledged, that a single man in possession 
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cache_name() -> str:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def carried(output):
+    """The state an output carries, under the installed transformers' name for it."""
+    return getattr(output, _cache_name())
+
+
+def continuing(state) -> dict:
+    """The keyword that hands a carried state back to forward() or generate()."""
+    return {_cache_name(): state}
 
 
 def write_run(run: Path, tie: bool = True, vocab_size: int = 4096, **overrides) -> Path:
@@ -102,10 +118,10 @@ def test_transformers_logits_equal_infinitrain(hf_model, core, length):
         expected, _ = core(ids)
         whole = hf_model(ids, attention_mask=torch.ones_like(ids)).logits
         first = hf_model(ids[:, :13])  # then the rest on the carried state
-        rest = hf_model(ids[:, 13:], past_key_values=first.past_key_values).logits
+        rest = hf_model(ids[:, 13:], **continuing(carried(first))).logits
     assert torch.allclose(whole, expected, atol=1e-5, rtol=0)
     assert torch.allclose(torch.cat([first.logits, rest], dim=1), expected, atol=1e-5, rtol=0)
-    assert first.past_key_values.get_seq_length() == length
+    assert carried(first).get_seq_length() == length
 
 
 def test_greedy_generate_equals_infinitrain_generate(hf_model, core):
@@ -127,10 +143,10 @@ def test_generate_continues_from_a_returned_state(hf_model):
     question = torch.randint(0, 4096, (1, 6), generator=torch.Generator().manual_seed(3))
     first = hf_model.generate(document, max_new_tokens=4, do_sample=False,
                               return_dict_in_generate=True)
-    state = first.past_key_values
+    state = carried(first)
     assert state.get_seq_length() == first.sequences.shape[1] - 1  # last token not yet read
     ids = torch.cat([first.sequences, question], dim=1)
-    continued = hf_model.generate(ids, past_key_values=state, max_new_tokens=5, do_sample=False)
+    continued = hf_model.generate(ids, **continuing(state), max_new_tokens=5, do_sample=False)
     fresh = hf_model.generate(ids, max_new_tokens=5, do_sample=False)
     assert continued.tolist() == fresh.tolist()
 
@@ -158,12 +174,96 @@ def test_labels_give_the_causal_lm_loss(hf_model, core):
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
-def test_padding_is_refused(hf_model):
-    ids = torch.randint(0, 4096, (2, 5))
-    mask = torch.ones_like(ids)
-    mask[1, 0] = 0
-    with pytest.raises(ValueError, match="padding is not supported"):
-        hf_model.generate(ids, attention_mask=mask, max_new_tokens=2)
+def test_sampled_generate_equals_infinitrain_generate(hf_model, core):
+    """Seeded sampling draws the same tokens: both sample softmax(logits / T) with one seeded
+    CPU generator."""
+    prompt = torch.randint(0, 4096, (1, 11), generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(7)
+    out = hf_model.generate(prompt, do_sample=True, temperature=0.8, top_k=0, top_p=1.0,
+                            max_new_tokens=2 * SEGMENT)
+    ours = generate(core, prompt[0], config=GenerationConfig(
+        max_new_tokens=2 * SEGMENT, sampling=SamplingConfig(temperature=0.8, seed=7)))
+    assert out[0, 11:].tolist() == ours.tokens
+
+
+PAD = 0
+
+
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def prompts_of(*lengths: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(sum(lengths))
+    return [torch.randint(1, 4096, (length,), generator=generator) for length in lengths]
+
+
+def test_a_left_padded_batch_reads_each_prompt_as_if_alone(hf_model):
+    """Different lengths put the segment boundaries at different columns: each row's logits at
+    its real positions and its memory equal those of the prompt read alone."""
+    prompts = prompts_of(2 * SEGMENT + 5, 6, 3 * SEGMENT)
+    ids, mask = left_padded(prompts)
+    with torch.no_grad():
+        batched = hf_model(ids, attention_mask=mask)
+        for row, prompt in enumerate(prompts):
+            alone = hf_model(prompt[None])
+            real = mask[row].bool()
+            assert torch.allclose(batched.logits[row, real], alone.logits[0], atol=1e-5, rtol=0)
+            assert not batched.logits[row, ~real].any()  # padding: no prediction
+            state, expected = carried(batched).state_of(row), carried(alone).state_of(0)
+            for layer, layer_alone in zip(state.layers, expected.layers, strict=True):
+                for name, tensor in layer.tensors().items():
+                    assert torch.allclose(tensor, layer_alone.tensors()[name], atol=1e-5), name
+
+
+def test_a_right_padded_batch_scores_each_row_as_if_alone(hf_model):
+    """Scoring tools (lm-eval's loglikelihood) pad on the right."""
+    prompts = prompts_of(SEGMENT + 3, 2 * SEGMENT + 7)
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.stack([torch.cat([p, torch.full((width - len(p),), PAD)]) for p in prompts])
+    mask = (torch.arange(width)[None] < torch.tensor([[len(p)] for p in prompts])).long()
+    with torch.no_grad():
+        batched = hf_model(ids, attention_mask=mask).logits
+        for row, prompt in enumerate(prompts):
+            alone = hf_model(prompt[None]).logits[0]
+            assert torch.allclose(batched[row, : len(prompt)], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_batched_generation_of_left_padded_prompts_equals_one_at_a_time(hf_model, beams):
+    prompts = prompts_of(SEGMENT + 5, 4, 2 * SEGMENT)
+    ids, mask = left_padded(prompts)
+    options = {"max_new_tokens": 2 * SEGMENT, "do_sample": False, "num_beams": beams,
+               "eos_token_id": None, "pad_token_id": PAD, "return_dict_in_generate": True,
+               "output_scores": True}
+    batched = hf_model.generate(ids, attention_mask=mask, **options)
+    for row, prompt in enumerate(prompts):
+        alone = hf_model.generate(prompt[None], **options)
+        tokens = batched.sequences[row, ids.shape[1]:]
+        assert tokens.tolist() == alone.sequences[0, len(prompt):].tolist()
+        if beams == 1:  # every step's scores, not only the argmax
+            for step, expected in zip(batched.scores, alone.scores, strict=True):
+                assert torch.allclose(step[row], expected[0], atol=1e-5, rtol=0)
+
+
+def test_text_generation_pipeline_batches(exported, hf_model):
+    from transformers import AutoTokenizer, pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
+    tokenizer.padding_side = "left"
+    generator = pipeline("text-generation", model=hf_model, tokenizer=tokenizer)
+    texts = ["It is a truth universally acknowledged", "Call me Ishmael. Some years ago, never "
+             "mind how long precisely, having little or no money in my purse"]
+    options = {"max_new_tokens": SEGMENT + 2, "do_sample": False}
+    together = generator(texts, batch_size=2, **options)
+    alone = [generator(text, **options) for text in texts]
+    assert together == alone
 
 
 def test_autotokenizer_loads_and_round_trips(exported):

@@ -77,13 +77,14 @@ out = model.generate(**inputs, max_new_tokens=64, return_dict_in_generate=True)
 print(tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1]:]))
 ```
 
-The prompt is read in one call and each new token is fed with the carried state
-(`out.past_key_values`). To ask a second question without re-reading the document, append it to
-`out.sequences` and call `model.generate(ids, past_key_values=out.past_key_values, ...)`: only the
-tokens the state has not seen are read.
+The prompt is read in one call and each new token is fed with the carried state (`out.cache`;
+`out.past_key_values` in transformers releases before the rename). To ask a second question
+without re-reading the document, append it to `out.sequences` and call
+`model.generate(ids, cache=out.cache, ...)`: only the tokens the state has not seen are read.
 
-Limitations: padding is not supported (the recurrent memory would store padded positions), so a
-batch must hold prompts of equal length with an all-ones attention mask. Greedy, sampling and beam
-search work.
+Batches may be padded (`tokenizer.padding_side = "left"` for generation): a padded position is
+neither attended to nor written into memory, and each row gives the tokens it would give alone.
+Greedy, sampling and beam search work, and so does `pipeline("text-generation", ...,
+batch_size=N)`.
 
 {recipe_section}"""

@@ -83,6 +83,14 @@ class InfiniState:
         """The streams at ``index`` along the batch dimension."""
         return self._map(lambda t: t[index])
 
+    @classmethod
+    def concat(cls, states: list[InfiniState]) -> InfiniState:
+        """The streams of ``states`` side by side along the batch dimension; they must be at the
+        same position within their segment (equal ``partial_len``)."""
+        return cls([LayerState(**{name: torch.cat([layer.tensors()[name] for layer in layers])
+                                  for name in layers[0].tensors()})
+                    for layers in zip(*(state.layers for state in states), strict=True)])
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers
                    for t in layer.tensors().values())
