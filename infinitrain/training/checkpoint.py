@@ -52,6 +52,8 @@ class Manifest:
     streams_per_rank: int
     window_tokens: int
     strategy: str
+    threads: int | None = None
+    """Intra-op CPU threads per process (None in checkpoints written before it was recorded)."""
 
     def check_compatible(self, world_size: int, streams_per_rank: int, window_tokens: int,
                          where: Path) -> None:
@@ -65,6 +67,19 @@ class Manifest:
                 "position belongs to one rank, so resume with the same devices × num_nodes, "
                 "data.streams and data.window_tokens (or start a new run from its weights with "
                 "`infinitrain finetune --init`)")
+
+
+    def thread_notice(self, threads: int) -> str | None:
+        """Why a resume at another thread count is not bit-exact, or None at the same count.
+
+        CPU kernels split their reductions by thread, so results differ at ~1e-6 between thread
+        counts: the resumed run is a valid continuation, not the straight run's exact twin.
+        """
+        if self.threads is None or self.threads == threads:
+            return None
+        return (f"resuming at {threads} intra-op threads per process; the checkpoint was written "
+                f"at {self.threads}: the run continues correctly, but not bit-identical to an "
+                f"uninterrupted one (set OMP_NUM_THREADS={self.threads} for that)")
 
 
 def step_name(step: int) -> str:

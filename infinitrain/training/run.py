@@ -11,6 +11,7 @@ import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ..data import Tokenizer, load_tokenizer
 from ..evaluation.training_log import CSV_NAME, LOG_DIR, csv_version
@@ -178,6 +179,8 @@ def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
                                   recipe.data.window_tokens, resume_from)
         start_step = manifest.step
         check_same_streams(recipe, resume_from)
+        if (notice := manifest.thread_notice(torch.get_num_threads())) is not None:
+            rank_zero_warn(notice)
     init = None if resume_from is not None or recipe.model.init is None else \
         check_init(recipe.model.init, recipe.model_config)
     trainer = build_trainer(recipe, name, run_plan, out_dir, start_step,

@@ -87,7 +87,8 @@ class CheckpointWriter(Callback):
             self.tokenizer.save(staged / TOKENIZER_DIR)
             (staged / RECIPE_FILE).write_text(dump_recipe(self.recipe))
             write_manifest(staged, Manifest(step, trainer.world_size, self.recipe.data.streams,
-                                            self.recipe.data.window_tokens, self.kind))
+                                            self.recipe.data.window_tokens, self.kind,
+                                            torch.get_num_threads()))
         strategy.barrier("checkpoint: written")
         if trainer.is_global_zero:
             publish(staged, self.out_dir, step, self.recipe.checkpoint.keep_last)
