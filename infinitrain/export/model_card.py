@@ -64,7 +64,7 @@ Memory gates sigmoid(β) per layer (1 = memory, 0 = local attention):
 
 ## How to load
 
-Requires `transformers>=5.10.1` (tested to 5.25) and `torch`; `trust_remote_code=True` runs the
+Requires `transformers>=5.10.1` (tested to 5.24) and `torch`; `trust_remote_code=True` runs the
 modeling files in this directory.
 
 ```python

@@ -67,9 +67,8 @@ class InfiniCache:
 
     @property
     def is_linear(self) -> list[bool]:
-        """generate() feeds a cache whose layers are not all linear-attention layers only the
-        tokens it has not seen, which is what this state needs (it also holds the partial
-        segment's keys and values)."""
+        """Not a pure linear-attention (SSM) state: it also holds the partial segment's keys and
+        values. For such a cache generate() feeds only the tokens past ``get_seq_length``."""
         return [False]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -92,8 +91,9 @@ class InfiniCache:
         """
         batch, length = input_ids.shape
         real = None
-        if attention_mask is not None and not bool(attention_mask[:, -length:].all()):
-            real = attention_mask[:, -length:].bool()
+        if attention_mask is not None:
+            new_columns = attention_mask[:, attention_mask.shape[1] - length:]
+            real = None if bool(new_columns.all()) else new_columns.bool()
         counts = real.sum(1) if real is not None else input_ids.new_full((batch,), length)
         if not self.groups:
             self.groups = [RowGroup(torch.arange(batch, device=input_ids.device), 0, None)]
@@ -120,6 +120,8 @@ class InfiniCache:
                 groups.append(RowGroup(rows, group.read + count, state))
         self.groups = _merged(groups)
         self.seen_tokens += length
+        if hidden is None:  # no tokens at all
+            hidden = model.embed_tokens.weight.new_zeros(batch, length, model.config.d_model)
         return hidden
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
