@@ -1,4 +1,4 @@
-"""`infinitrain eval passkey|perplexity|booksum`, `generate` and
+"""`infinitrain eval passkey|perplexity|booksum|harness`, `generate` and
 `inspect gates|training|needle-trace`.
 
 Commands parse and check their options, load the model, call the evaluation code with a progress
@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,7 +32,8 @@ stdout = Console()
 stderr = Console(stderr=True, soft_wrap=True)
 
 eval_app = typer.Typer(name="eval", no_args_is_help=True,
-                       help="Evaluate a checkpoint: passkey retrieval, perplexity, BookSum ROUGE.")
+                       help="Evaluate a checkpoint: passkey retrieval, perplexity, BookSum ROUGE, "
+                            "lm-evaluation-harness tasks.")
 inspect_app = typer.Typer(name="inspect", no_args_is_help=True,
                           help="Look inside a checkpoint or a training run.")
 
@@ -64,7 +66,7 @@ def reported(option: str | None = None) -> Iterator[None]:
         yield
     except (UsageError, ValueError, OSError) as error:
         message = str(error) if option is None else f"{option} {error}"
-        stderr.print(f"[bold red]Error:[/] {message}", highlight=False)
+        stderr.print(f"[bold red]Error:[/] {escape(message)}", highlight=False)  # "[x]" is text
         raise typer.Exit(2) from None
 
 
@@ -581,6 +583,69 @@ def booksum(
                    {**asdict(settings), "data": data, "split": split, "config": config,
                     "max_input_tokens": budget, "truncate": truncate, "max_books": max_books},
                    result.to_dict())
+        _written("results", json_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# infinitrain eval harness
+
+
+@eval_app.command("harness")
+def harness(
+    model: ModelOption,
+    tasks: Annotated[str, typer.Option(
+        help="Comma-separated lm-eval tasks, groups or tags: lm-eval's own (hellaswag, …) or "
+             "those in --include-path (data/harness-tasks: infinitrain_smoke).",
+        show_default=False)],
+    include_path: Annotated[Path | None, typer.Option(
+        help="A directory of lm-eval task YAMLs, searched before lm-eval's own tasks.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass; results do "
+                                                        "not depend on it.")] = 1,
+    limit: Annotated[int | None, typer.Option(min=1, help="Score the first N documents of each "
+                                                          "task.")] = None,
+    max_length: Annotated[str, typer.Option(
+        help="Tokens per forward pass (4096, 64k, 1M): longer documents are scored in windows "
+             "of this many tokens, each from an empty memory; longer prompts lose their start. "
+             "Logits take max-length × vocabulary floats per request in a batch.")] = "1m",
+    log_samples: Annotated[bool, typer.Option(
+        "--log-samples", help="Also write every request and response to --json.")] = False,
+    json_path: JsonOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """lm-evaluation-harness tasks, scored through the model's Hugging Face export (a checkpoint
+    is exported to a temporary directory first): what is measured is what ships. Every request
+    is read after exactly one BOS, as the model was trained."""
+    from ..evaluation import harness as lm_harness
+    from ..evaluation.options import parse_names, parse_token_count
+    from ..evaluation.report import write_json
+    from ..evaluation.tables import harness_table
+
+    with reported():
+        names = parse_names(tasks, "--tasks")
+        tokens = parse_token_count(max_length, "--max-length")
+        if log_samples and json_path is None:
+            raise UsageError("--log-samples writes to --json: give --json too")
+        torch_device = _device(device)
+        torch_dtype = _dtype(dtype, torch_device)
+        lm_harness.require_lm_eval()
+    with reported("--tasks"):
+        manager = lm_harness.task_manager(names, include_path)
+    with contextlib.ExitStack() as stack:
+        with reported("--model"):
+            hf_dir = stack.enter_context(lm_harness.hf_export(model, torch_dtype))
+        results = lm_harness.run_harness(
+            hf_dir, names, batch_size=batch_size, limit=limit, device=torch_device,
+            dtype=torch_dtype, max_length=tokens, log_samples=log_samples, manager=manager)
+    results["config"]["model"] = str(model)
+    stdout.print(harness_table(lm_harness.metrics(results)))
+    if json_path is not None:
+        settings = {"tasks": names, "include_path": None if include_path is None
+                    else str(include_path), "batch_size": batch_size, "limit": limit,
+                    "max_length": tokens, "device": str(torch_device),
+                    "dtype": str(torch_dtype).removeprefix("torch.")}
+        write_json(json_path, "eval harness", None, {"model": str(model), **settings},
+                   lm_harness.jsonable(results))
         _written("results", json_path)
 
 

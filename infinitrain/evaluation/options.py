@@ -32,6 +32,11 @@ def _items(text: str, option: str) -> list[str]:
     return items
 
 
+def parse_names(text: str, option: str) -> list[str]:
+    """Comma-separated names, in their order, each once."""
+    return list(dict.fromkeys(_items(text, option)))
+
+
 def parse_lengths(text: str, option: str = "--lengths") -> list[int]:
     """Comma-separated token counts, sorted and deduplicated."""
     return sorted({parse_token_count(item, option) for item in _items(text, option)})

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+from rich.markup import escape
 from rich.table import Table
 
 from ..cli.model_info import human_bytes
 from .booksum import BookSumResult
 from .gates import GateReport
+from .harness import Metric
 from .needle_trace import NeedleTraceResult
 from .options import format_tokens
 from .passkey import PasskeyResult
@@ -178,3 +180,27 @@ def perplexity_tables(results: list[PerplexityResult], segment_len: int) -> list
         positions.add_row(f"{first}–{last}", f"{first * segment_len:,}–"
                           f"{(last + 1) * segment_len:,}", *cells)
     return [documents, positions]
+
+
+def harness_table(rows: list[Metric]) -> Table:
+    """lm-eval's figures, one row per task, metric and filter (↑: higher is better; a filter in
+    brackets: the metric of the responses so post-processed)."""
+    table = Table(title="lm-evaluation-harness")
+    table.add_column("task", no_wrap=True)
+    table.add_column("docs", justify="right")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("± stderr", justify="right")
+    arrow = {True: " ↑", False: " ↓", None: ""}
+    task = None
+    for row in rows:
+        first = row.task != task
+        if first and task is not None:
+            table.add_section()
+        task = row.task
+        metric = row.name + arrow[row.higher_is_better]
+        if row.filter != "none":
+            metric += " " + escape(f"[{row.filter}]")
+        table.add_row(row.task if first else "", str(row.docs or "") if first else "", metric,
+                      f"{row.value:.4g}", "" if row.stderr is None else f"{row.stderr:.2g}")
+    return table
