@@ -15,8 +15,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .integrity import MANIFEST_FILE, ManifestError, problem, read_manifest_json
 from .model import InfiniTransformer, ModelConfig
 
 CONFIG_FILE = "model_config.json"
@@ -59,12 +61,32 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu",
     weights_file = Path(path) / WEIGHTS_FILE
     if not weights_file.is_file():
         raise ModelDirError(f"{path}: has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    check_listed_files(Path(path), [CONFIG_FILE, WEIGHTS_FILE])
     model = InfiniTransformer(config)
-    weights = load_file(str(weights_file))
+    try:
+        weights = load_file(str(weights_file))
+    except SafetensorError as error:
+        raise ModelDirError(f"{weights_file}: unreadable ({error}); the file is truncated or "
+                            "corrupt") from None
     if config.tie_embeddings:
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     model.load_state_dict(weights)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def check_listed_files(path: Path, names: list[str]) -> None:
+    """Refuse a training checkpoint whose model files differ from what its manifest lists (a
+    plain model directory has no manifest and is read as it is)."""
+    if not (path / MANIFEST_FILE).is_file():
+        return
+    try:
+        files = read_manifest_json(path).get("files")
+    except ManifestError as error:
+        raise ModelDirError(str(error)) from None
+    found = None if files is None else problem(path, files, names)
+    if found is not None:
+        raise ModelDirError(f"{path}: damaged checkpoint, {found}; use another checkpoint of "
+                            "the run")
 
 
 def tokenizer_path(path: str | Path) -> Path | None:

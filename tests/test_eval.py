@@ -124,7 +124,8 @@ def test_passkey_pipeline_scores_an_oracle_perfectly(workdir, monkeypatch):
     tokenizer = load_tokenizer(TOKENIZER)
     model = random_model(vocab_size=VOCAB, segment_len=SEGMENT)
 
-    def oracle(model, prompt_ids, state, config, on_progress=None):
+    def oracle(model, pieces, state, config, on_progress=None):
+        prompt_ids = torch.cat(list(pieces))  # the prompt arrives piece by piece
         text = tokenizer.decode(prompt_ids)
         key = text.split("The pass key is ")[1].split(".")[0]
         assert text.endswith("What is the pass key? The pass key is")
@@ -151,7 +152,8 @@ def test_passkey_offsets_find_the_end_position_a_model_fails_at(workdir, monkeyp
     model = random_model(vocab_size=VOCAB, segment_len=SEGMENT)
     lengths_seen = []
 
-    def fails_at_8(model, prompt_ids, state, config, on_progress=None):
+    def fails_at_8(model, pieces, state, config, on_progress=None):
+        prompt_ids = torch.cat(list(pieces))
         lengths_seen.append(len(prompt_ids))
         key = tokenizer.decode(prompt_ids).split("The pass key is ")[1].split(".")[0]
         answer = " 1" if len(prompt_ids) % SEGMENT == 8 else f" {key}"

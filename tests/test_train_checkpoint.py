@@ -22,7 +22,7 @@ from infinitrain.training.weights import check_init, model_from_state_dict
 
 def staged(out_dir, step: int):
     """A fully written checkpoint waiting to be published."""
-    path = staging_dir(out_dir, step)
+    path = staging_dir(out_dir, step, owner=1)
     path.mkdir(parents=True)
     write_manifest(path, Manifest(step, 1, 2, 64, "single"))
     return path
@@ -38,7 +38,7 @@ def test_publish_renames_points_latest_and_keeps_the_last_k(tmp_path):
 
 def test_a_half_written_checkpoint_is_never_resumed(tmp_path):
     publish(staged(tmp_path, 10), tmp_path, 10, keep_last=3)
-    crashed = staging_dir(tmp_path, 20)
+    crashed = staging_dir(tmp_path, 20, owner=2)
     crashed.mkdir()
     (crashed / "trainer.ckpt").write_bytes(b"truncat")
     assert find_checkpoint("auto", tmp_path) == tmp_path / step_name(10)

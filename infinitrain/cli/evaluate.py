@@ -26,7 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .model_info import human_bytes
+from ..evaluation.options import human_bytes
 
 stdout = Console()
 stderr = Console(stderr=True, soft_wrap=True)
@@ -490,7 +490,7 @@ def passkey(
                                    key_min, key_max, offsets)
     loaded, tokenizer = _load(model, device, dtype)
     with reported("--lengths"):  # the shortest must hold the task, needle and question
-        PasskeyGenerator(tokenizer).sample(settings.lengths[0], 0.0, seed=0)
+        PasskeyGenerator(tokenizer).check_length(settings.lengths[0])
     added = length_offsets(settings, loaded.model.config.segment_len)
     total = sum(n + a for n in settings.lengths for a in added) * len(settings.depths) * samples
     with _progress() as progress:

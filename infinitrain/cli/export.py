@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..evaluation.options import human_bytes
 from ..model.config import MEMORY_RULES, ModelConfig
-from .model_info import human_bytes
 
 export_app = typer.Typer(name="export", no_args_is_help=True,
                          help="Export a checkpoint to another format.")

@@ -6,17 +6,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..evaluation.options import human_bytes
 from ..model import PRESETS, InfiniTransformer, kv_cache_nbytes, preset
 
 CONTEXTS = {"32K": 32_768, "128K": 131_072, "1M": 1_048_576}
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def model_info(

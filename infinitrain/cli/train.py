@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from .model_info import human_bytes
+from ..evaluation.options import human_bytes
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -47,6 +47,10 @@ SetOption = Annotated[list[str] | None, typer.Option(
     show_default=False)]
 DryRunOption = Annotated[bool, typer.Option(
     "--dry-run", help="Print the resolved recipe and the run's size, then exit.")]
+ApplyOptimOption = Annotated[bool, typer.Option(
+    "--apply-optim-changes", help="With --resume: give the restored optimizer and schedule the "
+    "recipe's optim.lr, gate_lr_multiplier, weight_decay, betas and eps where they differ from "
+    "the checkpoint's (a resume with changed values is refused without this).")]
 
 
 @contextlib.contextmanager
@@ -57,11 +61,14 @@ def reported() -> Iterator[None]:
     from ..model_dir import ModelDirError
     from ..recipe import RecipeError
     from ..training.checkpoint import ResumeError
+    from ..training.module import NonFiniteError
+    from ..training.run_lock import RunLockError
+    from ..training.saving import CheckpointWriteError
 
     try:
         yield
     except (RecipeError, ConfigError, DataSourceError, TokenizerError, ModelDirError,
-            ResumeError) as error:
+            ResumeError, RunLockError, NonFiniteError, CheckpointWriteError) as error:
         stderr.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
@@ -75,9 +82,10 @@ def _overrides(sets: list[str] | None, **options: object) -> list[str]:
 
 
 def _run(recipe_ref: str, overrides: list[str], resume: str | None, max_steps: int | None,
-         dry_run: bool, need_init: bool) -> None:
+         dry_run: bool, need_init: bool, apply_optim_changes: bool) -> None:
     from ..recipe import RecipeError, dump_recipe, load_recipe
     from ..training.run import summarize, train
+    from ..training.strategy import check_host_memory
 
     with reported():
         name, recipe = load_recipe(recipe_ref, overrides)
@@ -94,11 +102,17 @@ def _run(recipe_ref: str, overrides: list[str], resume: str | None, max_steps: i
                               f"{recipe.train.max_steps}, where the learning-rate schedule ends; "
                               "raise train.max_steps to train longer")
         out_dir = Path(recipe.checkpoint.out_dir or f"runs/{name}")
+        if apply_optim_changes and resume is None:
+            raise RecipeError("--apply-optim-changes: only with --resume (a new run uses the "
+                              "recipe's optim values anyway)")
         if dry_run:
+            summary = summarize(recipe)
+            check_host_memory(recipe, summary.parameters)
             stdout.print(Syntax(dump_recipe(recipe), "yaml", theme="ansi_dark", word_wrap=True))
-            _print_summary(name, recipe, summarize(recipe), out_dir)
+            _print_summary(name, recipe, summary, out_dir)
             return
-        last = train(recipe, name, out_dir, resume=resume, stop_at=max_steps)
+        last = train(recipe, name, out_dir, resume=resume, stop_at=max_steps,
+                     apply_optim_changes=apply_optim_changes)
     if last is not None:
         stdout.print(f"[bold green]Checkpoint:[/] {last}")
 
@@ -142,10 +156,12 @@ def pretrain(
     num_nodes: NodesOption = None,
     sets: SetOption = None,
     dry_run: DryRunOption = False,
+    apply_optim_changes: ApplyOptimOption = False,
 ) -> None:
     """Train a model from a recipe (from scratch, or continually from model.init)."""
     overrides = _overrides(sets, seed=seed, devices=devices, num_nodes=num_nodes, out_dir=out_dir)
-    _run(recipe, overrides, resume, max_steps, dry_run, need_init=False)
+    _run(recipe, overrides, resume, max_steps, dry_run, need_init=False,
+         apply_optim_changes=apply_optim_changes)
 
 
 def finetune(
@@ -161,11 +177,13 @@ def finetune(
     num_nodes: NodesOption = None,
     sets: SetOption = None,
     dry_run: DryRunOption = False,
+    apply_optim_changes: ApplyOptimOption = False,
 ) -> None:
     """Fine-tune trained weights on a recipe's task (fresh optimizer and schedule)."""
     overrides = _overrides(sets, seed=seed, devices=devices, num_nodes=num_nodes, out_dir=out_dir,
                            init=init)
-    _run(recipe, overrides, resume, max_steps, dry_run, need_init=True)
+    _run(recipe, overrides, resume, max_steps, dry_run, need_init=True,
+         apply_optim_changes=apply_optim_changes)
 
 
 @recipes_app.command("list")

@@ -69,13 +69,46 @@ class PasskeyGenerator:
         self.frame_tokens = len(self.head) + 4 * len(self.newline) + len(self.question)
         """Prompt tokens that are neither filler nor needle."""
 
-    def filler(self, n: int) -> Tensor:
-        """The first ``n`` tokens of the endlessly repeated filler."""
-        reps = math.ceil(max(n - len(self.filler_first), 0) / len(self.filler_next))
-        return torch.cat([self.filler_first, self.filler_next.repeat(reps)])[:n]
+    def filler(self, n: int, start: int = 0) -> Tensor:
+        """Tokens ``start`` to ``start + n`` of the endlessly repeated filler."""
+        first, step = len(self.filler_first), len(self.filler_next)
+        head = self.filler_first[start:start + n]
+        offset = max(start - first, 0)  # into the repeated part
+        skip = offset % step
+        reps = math.ceil((skip + n - len(head)) / step)
+        tail = self.filler_next.repeat(reps)[skip:skip + n - len(head)]
+        return torch.cat([head, tail])
 
     def sample(self, length: int, depth: float, seed: int) -> PasskeySample:
         """A prompt of exactly ``length`` tokens with the needle at ``depth`` (0 start, 1 end)."""
+        parts, sample = self._layout(length, depth, seed)
+        prompt = torch.cat([self.filler(p) if isinstance(p, int) else p for p in parts])
+        return PasskeySample(prompt_ids=prompt, **sample)
+
+    def check_length(self, length: int) -> None:
+        """ValueError if ``length`` tokens cannot hold a prompt, found without making one."""
+        self._layout(length, 0.0, seed=0)
+
+    def stream(self, length: int, depth: float, seed: int,
+               chunk_tokens: int) -> tuple[PasskeySample, Iterator[Tensor]]:
+        """The prompt of :meth:`sample` as pieces of at most ``chunk_tokens`` tokens, made as they
+        are read: a prompt of any length (a billion tokens would be 8 GB as one tensor) costs one
+        chunk of memory. The sample's ``prompt_ids`` is empty."""
+        parts, sample = self._layout(length, depth, seed)
+        return PasskeySample(prompt_ids=torch.empty(0, dtype=torch.long), **sample), \
+            self._chunks(parts, chunk_tokens)
+
+    def _chunks(self, parts: list[Tensor | int], chunk_tokens: int) -> Iterator[Tensor]:
+        for part in parts:
+            if not isinstance(part, int):
+                yield part
+                continue
+            for start in range(0, part, chunk_tokens):
+                yield self.filler(min(chunk_tokens, part - start), start)
+
+    def _layout(self, length: int, depth: float, seed: int) -> tuple[list[Tensor | int], dict]:
+        """The prompt's parts (token tensors, or an int n for the first n filler tokens) and the
+        fields of its PasskeySample but the prompt."""
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth = {depth}: must be in [0, 1]")
         key = int(np.random.default_rng(seed).integers(self.key_min, self.key_max + 1))
@@ -86,13 +119,11 @@ class PasskeyGenerator:
                              f"filler takes {length - budget} tokens")
         before = round(depth * budget)
         nl = self.newline
-        parts = [self.head, nl, self.filler(before), nl, needle, nl, self.filler(budget - before),
-                 nl, self.question]
-        prompt = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in parts])
-        return PasskeySample(
-            prompt_ids=prompt, answer_ids=self.tokenizer.encode(f" {key}"), key=key, depth=depth,
-            needle_offset=len(self.head) + 2 * len(nl) + before, needle_len=len(needle),
-        )
+        parts = [self.head, nl, before, nl, needle, nl, budget - before, nl, self.question]
+        return [p if isinstance(p, int) else torch.as_tensor(p, dtype=torch.long)
+                for p in parts], dict(
+            answer_ids=self.tokenizer.encode(f" {key}"), key=key, depth=depth,
+            needle_offset=len(self.head) + 2 * len(nl) + before, needle_len=len(needle))
 
 
 class PasskeySource(DocumentSource):

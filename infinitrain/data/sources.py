@@ -204,6 +204,17 @@ def expand_files(patterns: list[str]) -> list[str]:
     return files
 
 
+def root_cause(error: BaseException) -> str:
+    """The innermost error of a chain, named: `datasets` wraps a file's real problem (such as
+    bytes that are not UTF-8) in a generic DatasetGenerationError."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    if isinstance(error, UnicodeDecodeError):
+        return (f"not UTF-8 text: byte {error.object[error.start]:#04x} at offset {error.start}"
+                " of a file; save the data as UTF-8")
+    return f"{type(error).__name__}: {error}"
+
+
 def load_rows(config: SourceConfig) -> Rows:
     """The rows of a hub dataset or of local files, through `datasets` (streamed if configured)."""
     import datasets
@@ -221,7 +232,7 @@ def load_rows(config: SourceConfig) -> Rows:
                                          streaming=config.streaming, **extra)
         except Exception as error:  # datasets raises StopIteration, ValueError, ArrowInvalid, ...
             raise DataSourceError(f"{config.label}: cannot read as {builder} files "
-                                  f"({type(error).__name__}: {error})") from error
+                                  f"({root_cause(error)})") from error
     else:
         try:
             rows = datasets.load_dataset(config.name, config.config, split=config.split,

@@ -1,4 +1,4 @@
-"""Document streams for streaming truncated BPTT (DESIGN.md §3).
+"""Document streams for streaming truncated BPTT (docs/design.md §3).
 
 Each data-parallel rank holds B streams. A window is the next k segments of N tokens of every
 stream. In ``document`` mode a stream reads whole documents one after another, each padded to a

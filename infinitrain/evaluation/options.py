@@ -62,3 +62,12 @@ def format_tokens(count: int) -> str:
         if count % scale == 0:
             return f"{count // scale}{suffix}"
     return str(count)
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB': sizes as tables print them."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -25,6 +25,9 @@ from ..model import InfiniTransformer
 from .resources import PeakMemory
 
 _INTEGER = re.compile(r"\d+")
+PROMPT_CHUNK_WINDOWS = 64
+"""Prefill windows per prompt piece: a prompt is made piece by piece as it is read (a 1G-token
+prompt would be 8 GB as one tensor), in pieces large enough that making them costs nothing."""
 
 
 def first_integer(text: str) -> int | None:
@@ -165,9 +168,10 @@ def evaluate_passkey(model: InfiniTransformer, tokenizer: Tokenizer, settings: P
             for offset, (d, depth), i in product(offsets, enumerate(settings.depths),
                                                  range(settings.samples)):
                 prompt_length = length + offset
-                sample = prompts.sample(prompt_length, depth,
-                                        seed=prompt_seed(settings.seed, prompt_length, d, i))
-                out = generate(model, sample.prompt_ids, None, config, on_progress)
+                sample, pieces = prompts.stream(
+                    prompt_length, depth, seed=prompt_seed(settings.seed, prompt_length, d, i),
+                    chunk_tokens=PROMPT_CHUNK_WINDOWS * settings.window_segments * segment)
+                out = generate(model, pieces, None, config, on_progress)
                 text = tokenizer.decode(out.tokens)
                 result.trials.append(PasskeyTrial(length, depth, sample.key, text,
                                                   first_integer(text), offset,

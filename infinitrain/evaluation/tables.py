@@ -7,12 +7,11 @@ import math
 from rich.markup import escape
 from rich.table import Table
 
-from ..cli.model_info import human_bytes
 from .booksum import BookSumResult
 from .gates import GateReport
 from .harness import Metric
 from .needle_trace import NeedleTraceResult
-from .options import format_tokens
+from .options import format_tokens, human_bytes
 from .passkey import PasskeyResult
 from .perplexity import PerplexityResult
 from .training_log import TrainingLog

@@ -118,8 +118,8 @@ def read_llama_config(llama_dir: Path) -> dict:
                                "checkpoint directory (config.json, model.safetensors, tokenizer)")
     hf_config = json.loads(config_file.read_text())
     model_type = hf_config.get("model_type")
-    architectures = hf_config.get("architectures") or ["LlamaForCausalLM"]
-    if model_type != "llama" or "LlamaForCausalLM" not in architectures:
+    architectures = hf_config.get("architectures")
+    if model_type != "llama" or "LlamaForCausalLM" not in (architectures or ["LlamaForCausalLM"]):
         raise LlamaImportError(f"{llama_dir}: model_type {model_type!r}, architectures "
                                f"{architectures}: only Llama checkpoints (model_type 'llama', "
                                "LlamaForCausalLM) can be imported")

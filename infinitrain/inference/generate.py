@@ -9,6 +9,7 @@ completed segment into memory exactly as training does.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,16 +48,28 @@ class Generation:
 
 
 @torch.inference_mode()
-def generate(model: InfiniTransformer, prompt_ids: Tensor | list[int],
+def generate(model: InfiniTransformer, prompt_ids: Tensor | list[int] | Iterable[Tensor],
              state: InfiniState | None = None, config: GenerationConfig | None = None,
              on_progress: ProgressFn | None = None) -> Generation:
-    """Continue ``state`` (empty if None) with the prompt, then generate one stream's answer."""
+    """Continue ``state`` (empty if None) with the prompt, then generate one stream's answer.
+
+    The prompt may come in pieces (an iterable of 1-D token tensors, read one at a time), so
+    that a prompt longer than memory can hold as one tensor streams in bounded memory.
+    """
     config = config or GenerationConfig()
     device = model.embed_tokens.weight.device
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).reshape(1, -1)
+    pieces = [prompt_ids] if isinstance(prompt_ids, (Tensor, list)) else prompt_ids
     started = time.perf_counter()
-    logits, state = prefill(model, prompt, state, window_segments=config.window_segments,
-                            use_memory=config.use_memory, on_progress=on_progress)
+    logits, prompt_tokens = None, 0
+    for piece in pieces:
+        prompt = torch.as_tensor(piece, dtype=torch.long, device=device).reshape(1, -1)
+        if prompt.shape[1] == 0 and logits is not None:
+            continue
+        logits, state = prefill(model, prompt, state, window_segments=config.window_segments,
+                                use_memory=config.use_memory, on_progress=on_progress)
+        prompt_tokens += prompt.shape[1]
+    if logits is None:
+        raise ValueError("nothing to prefill: the prompt has no pieces")
     _synchronize(device)
     prefilled = time.perf_counter()
 
@@ -70,7 +83,7 @@ def generate(model: InfiniTransformer, prompt_ids: Tensor | list[int],
         step_logits, state = model(token[:, None], state, use_memory=config.use_memory)
         logits = step_logits[:, -1]
     _synchronize(device)
-    return Generation(tokens, state, prompt.shape[1], stopped_at_eos, prefilled - started,
+    return Generation(tokens, state, prompt_tokens, stopped_at_eos, prefilled - started,
                       time.perf_counter() - prefilled)
 
 

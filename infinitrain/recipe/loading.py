@@ -33,7 +33,12 @@ def recipe_text(name_or_path: str) -> tuple[str, str]:
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise RecipeError(f"recipe {name_or_path}: no such file")
-        return path.stem, path.read_text(encoding="utf-8")
+        try:
+            return path.stem, path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise RecipeError(f"recipe {name_or_path}: not UTF-8 text (byte "
+                              f"{error.object[error.start]:#04x} at offset {error.start}); save "
+                              "it as UTF-8") from None
     shipped = shipped_recipes()
     if name_or_path not in shipped:
         raise RecipeError(f"recipe {name_or_path!r}: not a shipped recipe or a YAML file; shipped: "
@@ -41,9 +46,24 @@ def recipe_text(name_or_path: str) -> tuple[str, str]:
     return name_or_path, shipped[name_or_path]
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML would silently keep
+    the last one, so a setting the user wrote would not be the one that runs)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -18,6 +18,9 @@ from ..data.streams import StreamConfig
 from ..model import ConfigError, ModelConfig, preset
 from .typed import RecipeError, field_error, from_plain
 
+SEED_LIMIT = 2**32
+"""Seeds must be below this: numpy's and Lightning's generators take 32-bit seeds."""
+
 
 @dataclass
 class ModelSection:
@@ -186,12 +189,21 @@ class TrainSection:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward: memory for long windows, ~30% time."""
     seed: int = 0
-    """Seeds the weights' initialisation and the data order."""
+    """Seeds the weights' initialisation and the data order (0 to 2**32 - 1: what the random
+    number generators accept)."""
+    max_nonfinite_steps: int = 0
+    """Steps in a row whose loss or gradient norm is NaN or inf that are skipped (no update)
+    before the run stops with an error. 0: stop at the first, before anything is saved."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "accumulate", "num_nodes"):
             if getattr(self, name) < 1:
                 raise field_error(f"train.{name}", getattr(self, name), "must be >= 1")
+        if self.max_nonfinite_steps < 0:
+            raise field_error("train.max_nonfinite_steps", self.max_nonfinite_steps,
+                              "must be >= 0")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise field_error("train.seed", self.seed, f"must be in [0, {SEED_LIMIT - 1}]")
         if self.devices == 0 or self.devices < -1:
             raise field_error("train.devices", self.devices, "must be >= 1, or -1 for every GPU")
 

@@ -8,6 +8,7 @@ own conversion with ``from_plain(value, path)`` / ``to_plain()``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -72,9 +73,11 @@ def from_plain(tp: Any, value: Any, path: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
-            return float(value)
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise field_error(path, value, "expected a number")
+        if not math.isfinite(value):  # .inf and .nan mean no usable setting anywhere
+            raise field_error(path, value, "expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

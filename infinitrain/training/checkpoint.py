@@ -8,12 +8,15 @@
         streams/rank-00000.safetensors   that rank's stream memory states + data position
         recipe.yaml           the resolved recipe
         model_config.json, model.safetensors, tokenizer/   the inference model directory
-        checkpoint.json       manifest, written last
-      .tmp-step-00000200/     a checkpoint being written
+        checkpoint.json       manifest with every file's size and SHA-256, written last
+      .tmp-step-00000200-12345/   a checkpoint being written by the run whose rank 0 is pid 12345
+      .lock                   held by the run writing here (see ``run_lock.py``)
 
-A checkpoint is written under a temporary name and renamed into place only once complete, so a
-crash mid-save never leaves a ``step-*`` directory that is not whole: every ``step-*`` directory
-is resumable, and ``--resume auto`` takes the newest.
+A checkpoint is written under a temporary name, its files fsynced and listed with their checksums
+in the manifest, and renamed into place only once complete, so a crash mid-save never leaves a
+``step-*`` directory that is not whole. A file damaged afterwards (a bad disk, a stray write, a
+copy cut short) no longer matches the manifest: ``--resume auto`` then falls back to the newest
+intact checkpoint and says which ones it skipped and why.
 """
 
 from __future__ import annotations
@@ -25,10 +28,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from lightning.pytorch.utilities import rank_zero_warn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..inference.loading import LATEST_POINTER
+from ..integrity import (
+    MANIFEST_FILE,
+    FileList,
+    ManifestError,
+    list_files,
+    problem,
+    read_manifest_json,
+)
 from ..model import InfiniState
 
 STEP_PREFIX = "step-"
@@ -36,7 +48,6 @@ TMP_PREFIX = ".tmp-step-"
 TRAINER_STATE = "trainer.ckpt"
 STREAMS_DIR = "streams"
 RECIPE_FILE = "recipe.yaml"
-MANIFEST_FILE = "checkpoint.json"
 
 
 class ResumeError(RuntimeError):
@@ -54,6 +65,9 @@ class Manifest:
     strategy: str
     threads: int | None = None
     """Intra-op CPU threads per process (None in checkpoints written before it was recorded)."""
+    files: FileList | None = None
+    """Every other file of the checkpoint with its size and SHA-256 (None in checkpoints written
+    before files were listed: those are resumed unverified)."""
 
     def check_compatible(self, world_size: int, streams_per_rank: int, window_tokens: int,
                          where: Path) -> None:
@@ -87,7 +101,13 @@ def step_name(step: int) -> str:
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
-    (directory / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+    """List (and fsync) every file already in ``directory``, then write the manifest, durably:
+    it is the last file of a checkpoint, so its presence means every listed byte is on disk."""
+    manifest.files = list_files(directory)
+    with open(directory / MANIFEST_FILE, "w") as handle:
+        handle.write(json.dumps(asdict(manifest), indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -95,7 +115,31 @@ def read_manifest(directory: Path) -> Manifest:
     if not path.is_file():
         raise ResumeError(f"{directory}: not a training checkpoint (no {MANIFEST_FILE}); pass a "
                           "step-XXXXXXXX directory or a run directory")
-    return Manifest(**json.loads(path.read_text()))
+    try:
+        return Manifest(**read_manifest_json(directory))
+    except ManifestError as error:
+        raise ResumeError(str(error)) from None
+    except TypeError:  # fields missing or unknown
+        raise ResumeError(f"{path}: not a checkpoint manifest of this infinitrain version; the "
+                          "checkpoint is damaged or from elsewhere") from None
+
+
+def damage(directory: Path) -> str | None:
+    """Why ``directory`` cannot be resumed as written (None: it is intact): an unreadable
+    manifest, or a listed file missing, of another size or with another checksum."""
+    try:
+        files = read_manifest(directory).files
+    except ResumeError as error:
+        return str(error)
+    return None if files is None else problem(directory, files)
+
+
+def check_intact(directory: Path) -> None:
+    """Refuse a checkpoint named explicitly (--resume step-XXXXXXXX) that is damaged."""
+    found = damage(directory)
+    if found is not None:
+        raise ResumeError(f"{directory}: damaged, {found}; resume from an older checkpoint of "
+                          "the run (--resume <run directory> takes the newest intact one)")
 
 
 def rank_file(directory: Path, rank: int) -> Path:
@@ -115,9 +159,13 @@ def load_rank_streams(directory: Path, rank: int) -> tuple[InfiniState, dict[str
     path = rank_file(directory, rank)
     if not path.is_file():
         raise ResumeError(f"{directory}: has no stream state for rank {rank} ({path.name})")
-    with safe_open(str(path), framework="pt") as handle:
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        position = json.loads(handle.metadata()["position"])
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            position = json.loads(handle.metadata()["position"])
+    except SafetensorError as error:  # a checkpoint without a file list, damaged since
+        raise ResumeError(f"{path}: unreadable ({error}); resume from an older checkpoint"
+                          ) from None
     return InfiniState.from_state_dict(tensors), position
 
 
@@ -133,38 +181,69 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
 def newest_checkpoint(out_dir: Path) -> Path | None:
     """The checkpoint ``latest`` names or, if that is missing (a crash between the rename and the
     pointer update), the newest complete one."""
+    candidates = resume_candidates(out_dir)
+    return candidates[0] if candidates else None
+
+
+def resume_candidates(out_dir: Path) -> list[Path]:
+    """The checkpoints a resume may continue from, best first: the one ``latest`` names (or the
+    newest complete one), then the older ones of its timeline, newest first."""
+    found = complete_checkpoints(out_dir)
     pointer = out_dir / LATEST_POINTER
     if pointer.is_file():
         named = out_dir / pointer.read_text().strip()
-        if (named / MANIFEST_FILE).is_file():
-            return named
-    found = complete_checkpoints(out_dir)
-    return found[-1] if found else None
+        if named in found:
+            found = found[:found.index(named) + 1]
+    return found[::-1]
+
+
+def newest_intact(out_dir: Path) -> Path | None:
+    """The best resume candidate that is intact, warning (one line each) about every damaged
+    newer one it skips; ResumeError if checkpoints exist but none is intact."""
+    candidates = resume_candidates(out_dir)
+    for candidate in candidates:
+        found = damage(candidate)
+        if found is None:
+            return candidate
+        rank_zero_warn(f"skipping checkpoint {candidate}: {found}")
+    if candidates:
+        raise ResumeError(f"{out_dir}: no intact checkpoint to resume from (every one is damaged, "
+                          "see above); start a new run in another --out-dir")
+    return None
 
 
 def find_checkpoint(resume: str, out_dir: Path) -> Path | None:
-    """The checkpoint ``--resume`` names: 'auto' (the newest in out_dir; None if there is none
-    yet), a step-XXXXXXXX directory, or a run directory (its newest)."""
+    """The checkpoint ``--resume`` names: 'auto' (the newest intact one in out_dir; None if there
+    is none yet), a step-XXXXXXXX directory (refused if damaged), or a run directory (its newest
+    intact one)."""
     if resume == "auto":
-        return newest_checkpoint(out_dir)
+        return newest_intact(out_dir)
     path = Path(resume)
     if (path / MANIFEST_FILE).is_file():
+        check_intact(path)
         return path
-    found = newest_checkpoint(path)
+    found = newest_intact(path)
     if found is None:
         raise ResumeError(f"--resume {resume}: neither a checkpoint (step-XXXXXXXX with "
                           f"{MANIFEST_FILE}) nor a run directory holding one")
     return found
 
 
-def staging_dir(out_dir: Path, step: int) -> Path:
-    return out_dir / f"{TMP_PREFIX}{step:08d}"
+def staging_dir(out_dir: Path, step: int, owner: int) -> Path:
+    """Where the run whose rank 0 is process ``owner`` writes checkpoint ``step``: per process,
+    so that no two runs ever write into, or clear, the same directory."""
+    return out_dir / f"{TMP_PREFIX}{step:08d}-{owner}"
 
 
-def clear_staging(out_dir: Path) -> None:
-    """Remove checkpoints a crash left half-written."""
+def clear_staging(out_dir: Path, keep: Path) -> None:
+    """Remove checkpoints a crash left half-written, except ``keep``.
+
+    Only called while holding the run lock (``run_lock.py``): every run writing into out_dir
+    holds it, so any other staging directory belongs to a process that is no longer running.
+    """
     for path in out_dir.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(path, ignore_errors=True)
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def publish(staged: Path, out_dir: Path, step: int, keep_last: int) -> Path:

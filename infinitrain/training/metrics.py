@@ -17,6 +17,7 @@ from ..data import Window
 from ..evaluation.resources import process_peak_rss_bytes
 from ..model import ModelConfig
 from .flops import flops_per_token, peak_bf16_tflops
+from .module import gradient_norm
 from .weights import gathered
 
 GATE_NEAR = 0.1
@@ -70,10 +71,9 @@ class TrainingMetrics(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, module: LightningModule,
                                  optimizer) -> None:
         if (trainer.global_step + 1) % self.every == 0:
-            norms = [p.grad.detach().float().norm() for p in module.parameters()
-                     if p.grad is not None]
-            if norms:  # under DeepSpeed the gradients live in its optimizer: see below
-                module.log("grad_norm", torch.stack(norms).norm())
+            norm = gradient_norm(module)
+            if norm is not None:  # under DeepSpeed the gradients live in its optimizer: see below
+                module.log("grad_norm", norm)
 
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs,
                            batch: Window, batch_idx: int) -> None:

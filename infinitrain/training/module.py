@@ -6,6 +6,11 @@ detached memory on. One backward per optimizer step, always (NOTES-stack.md: sev
 step lose gradients under DeepSpeed); accumulation over windows is Lightning's
 ``accumulate_grad_batches``.
 
+A step whose loss or gradient norm is NaN or inf on any rank updates nothing: up to
+``train.max_nonfinite_steps`` such steps in a row are skipped with a warning, one more stops the
+run with :class:`NonFiniteError` (one line: the step, the quantity, what to try) before a checkpoint
+could save what the step would have done.
+
 A window in which no rank has a supervised token (the body of a long book before its summary)
 runs without autograd and leaves the weights alone; it still counts as a step of the stream clock
 (global step and schedule), so every rank always agrees on where it is.
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 
 from ..data import IGNORE_INDEX, Window
@@ -28,22 +34,43 @@ from .checkpoint import load_rank_streams
 from .optim import build_optimizer, build_scheduler
 from .weights import load_initial_weights
 
+OPTIM_HYPERPARAMETERS = ("betas", "eps", "weight_decay")
+"""Per-group optimizer settings besides the learning rate that a restored state carries."""
+
 LOSS_CHUNK_TOKENS = 4096
 """Supervised tokens per chunk of the output-layer + cross-entropy computation: 4096 × a 128K
 vocabulary is 2 GB of float32 logits, instead of one [B·k·N, vocab] tensor for the whole window."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or inf; the message names the step, the quantity and what to try."""
+
+
+def finite_everywhere(strategy, local: bool) -> bool:
+    """Whether ``local`` holds on every rank (every rank must take the same decision)."""
+    return not strategy.reduce_boolean_decision(not local, all=False)
+
+
+def gradient_norm(module: nn.Module) -> Tensor | None:
+    """The global L2 norm of the gradients this process holds (None where it holds none, as under
+    DeepSpeed, whose engine keeps them)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else None
 
 
 class StreamingLM(LightningModule):
     """An Infini-Transformer trained on windows of document streams with carried memory."""
 
     def __init__(self, recipe: Recipe, init: Path | None = None,
-                 resume_from: Path | None = None) -> None:
+                 resume_from: Path | None = None, apply_optim_changes: bool = False) -> None:
         """``init``: weights to start from (not when resuming); ``resume_from``: a checkpoint
-        whose stream memories this rank continues from."""
+        whose stream memories this rank continues from; ``apply_optim_changes``: give the
+        restored optimizer and schedule the recipe's optim values instead of the checkpoint's."""
         super().__init__()
         self.recipe = recipe
         self.init = init
         self.resume_from = resume_from
+        self.apply_optim_changes = apply_optim_changes
         self.model: InfiniTransformer | None = None
         self.streams: InfiniState | None = None
         """This rank's stream memories after the last consumed window (None: all empty)."""
@@ -53,6 +80,8 @@ class StreamingLM(LightningModule):
         self.write_gate_start: int | None = None
         """The step at which the write gate began training under optim.write_gate_below_loss."""
         self._loss_average: float | None = None
+        self.nonfinite_in_a_row = 0
+        """Consecutive steps skipped for a non-finite loss or gradient norm."""
 
     def configure_model(self) -> None:
         # Built here, not in __init__, so that DeepSpeed ZeRO-3 creates it already sharded.
@@ -65,8 +94,7 @@ class StreamingLM(LightningModule):
 
     def configure_optimizers(self) -> dict:
         optimizer = build_optimizer(self.model, self.recipe.optim)
-        scheduler = build_scheduler(optimizer, self.recipe.optim, self.recipe.train.max_steps,
-                                    self._write_gate_trains)
+        scheduler = self._schedule(optimizer)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -109,6 +137,10 @@ class StreamingLM(LightningModule):
                     for parameter in group["params"]:
                         parameter.grad = None
 
+    def _schedule(self, optimizer) -> LambdaLR:
+        return build_scheduler(optimizer, self.recipe.optim, self.recipe.train.max_steps,
+                               self._write_gate_trains)
+
     def _write_gate_trains(self, step: int) -> bool:
         optim = self.recipe.optim
         if step < optim.write_gate_from_step:
@@ -138,6 +170,24 @@ class StreamingLM(LightningModule):
         saved = checkpoint.get("write_gate", {})
         self.write_gate_start = saved.get("start")
         self._loss_average = saved.get("loss_average")
+        if self.apply_optim_changes:
+            self._apply_recipe_optim(checkpoint)
+
+    def _apply_recipe_optim(self, checkpoint: dict) -> None:
+        """Rewrite the saved optimizer and scheduler states (before Lightning restores them) with
+        the recipe's learning rates, betas, eps and weight decay at the saved step; the moments
+        and the step count are kept."""
+        fresh = build_optimizer(self.model, self.recipe.optim)
+        factors = self._schedule(fresh).lr_lambdas
+        scheduler = checkpoint["lr_schedulers"][0]
+        bases = [group["initial_lr"] for group in fresh.param_groups]
+        lrs = [base * factor(scheduler["last_epoch"]) for base, factor in
+               zip(bases, factors, strict=True)]
+        saved_groups = checkpoint["optimizer_states"][0]["param_groups"]
+        for saved, group, lr in zip(saved_groups, fresh.param_groups, lrs, strict=True):
+            saved.update({key: group[key] for key in OPTIM_HYPERPARAMETERS if key in group},
+                         initial_lr=group["initial_lr"], lr=lr)
+        scheduler.update(base_lrs=bases, _last_lr=lrs)
 
     def _write_penalty(self) -> Tensor:
         """optim.write_penalty × the mean write strength of this window, while the write gate
@@ -150,9 +200,48 @@ class StreamingLM(LightningModule):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Update the weights only if some window since the last update had supervised tokens."""
         loss = optimizer_closure()
-        if self._update_pending:
+        if self._update_pending and self._finite_step(loss):
             optimizer.step(closure=lambda: loss)
         self._update_pending = False
+
+    def _finite_step(self, loss: Tensor) -> bool:
+        """Whether this step's loss and gradient norm are finite on every rank; skips the step
+        or stops the run (NonFiniteError) when they are not."""
+        quantity = self._nonfinite_quantity(loss)
+        if finite_everywhere(self.trainer.strategy, quantity is None):
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_in_a_row += 1
+        step, allowed = self.global_step + 1, self.recipe.train.max_nonfinite_steps
+        what = quantity or "loss or gradient norm (on another rank)"
+        if self.nonfinite_in_a_row > allowed:
+            raise NonFiniteError(
+                f"step {step}: non-finite {what} for {self.nonfinite_in_a_row} step(s) in a row "
+                f"(train.max_nonfinite_steps = {allowed}); stopped without saving it, the "
+                f"checkpoints written before are finite: {self.remedy()}")
+        self.print(f"step {step}: non-finite {what}: skipped without an update "
+                   f"({self.nonfinite_in_a_row} of train.max_nonfinite_steps = {allowed})")
+        return False
+
+    def _nonfinite_quantity(self, loss: Tensor) -> str | None:
+        """'loss' or 'gradient norm' if that one is NaN or inf here, else None. Under fp16 the
+        gradient norm is not checked: its loss scaler skips overflowing steps by design."""
+        if not torch.isfinite(loss.detach()).all():
+            return "loss"
+        if self.recipe.train.precision == "16-mixed":
+            return None
+        norm = gradient_norm(self)
+        return None if norm is None or torch.isfinite(norm) else "gradient norm"
+
+    def remedy(self) -> str:
+        """What to try when training diverges, with this run's values."""
+        optim, precision = self.recipe.optim, self.recipe.train.precision
+        fixes = [f"lower optim.lr (now {optim.lr:g})",
+                 "set optim.grad_clip (e.g. 1.0)" if not optim.grad_clip else
+                 f"lower optim.grad_clip (now {optim.grad_clip:g})"]
+        if precision != "32-true":
+            fixes.append(f"set train.precision 32-true (now {precision})")
+        return ", ".join(fixes) + "; then --resume auto from the last checkpoint"
 
     def _supervised_tokens_everywhere(self, window: Window) -> int:
         """Supervised tokens of this window summed over ranks (the same number on every rank)."""

@@ -1,7 +1,7 @@
 """Optimizer parameter groups and the warm-up + cosine learning-rate schedule.
 
 Four groups: matrices decay; norms and biases do not; the memory gates (β) and the write gates
-neither decay nor share the base learning rate (DESIGN.md §2: under a small global lr they stay
+neither decay nor share the base learning rate (docs/design.md §2: under a small global lr they stay
 stuck at sigmoid 0.5). The write gates have a group of their own because they may start training
 later (``optim.write_gate_from_step``).
 The schedule is a pure function of the optimizer step and the recipe's max_steps, so where an

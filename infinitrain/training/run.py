@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from ..data import Tokenizer, load_tokenizer
 from ..evaluation.training_log import CSV_NAME, LOG_DIR, csv_version
@@ -32,8 +33,9 @@ from .flops import flops_per_token
 from .metrics import TrainingMetrics
 from .module import StreamingLM
 from .progress import StepProgressBar, TextProgress
+from .run_lock import run_lock
 from .saving import CheckpointWriter
-from .strategy import Plan, plan
+from .strategy import Plan, check_host_memory, plan
 from .weights import check_init
 
 
@@ -114,10 +116,49 @@ def checkpoint_to_resume(resume: str | None, out_dir: Path) -> Path | None:
     return None
 
 
-def check_same_streams(recipe: Recipe, checkpoint: Path) -> None:
+RESTORED_OPTIM_FIELDS = ("lr", "gate_lr_multiplier", "weight_decay", "betas", "eps")
+"""optim fields whose values the restored state carries: the optimizer's parameter groups (lr,
+betas, eps, weight decay) and the scheduler's base learning rates (lr × gate multiplier). A resume
+would silently keep the checkpoint's values while the recipe recorded with the next checkpoint
+said otherwise. Everything else (schedule shape, train.max_steps, grad_clip, precision, write
+gate, logging) is read from the recipe at every step, so a change takes effect as recorded."""
+
+
+def check_resumable(recipe: Recipe, checkpoint: Path, apply_optim_changes: bool,
+                    strategy: str) -> None:
+    """Refuse a resume that could not continue exactly or would not do what its recipe says."""
+    saved = parse_recipe(yaml.safe_load((checkpoint / RECIPE_FILE).read_text(encoding="utf-8")))
+    check_same_streams(recipe, saved, checkpoint)
+    check_same_optimizer(recipe, saved, checkpoint, apply_optim_changes, strategy)
+
+
+def check_same_optimizer(recipe: Recipe, saved: Recipe, checkpoint: Path,
+                         apply_optim_changes: bool, strategy: str) -> None:
+    """Refuse optim values the restored optimizer and scheduler would override, unless the user
+    asks for them to be applied (--apply-optim-changes; not under DeepSpeed, whose engine keeps
+    the optimizer state where the flag cannot rewrite it)."""
+    if saved.optim.name != recipe.optim.name:
+        raise ResumeError(f"{checkpoint}: optim.name {saved.optim.name} → {recipe.optim.name}: "
+                          "the saved optimizer state cannot carry over to another optimizer; "
+                          "start a new run from its weights (`infinitrain finetune --init`)")
+    changed = [f"optim.{name} ({getattr(saved.optim, name)} → {getattr(recipe.optim, name)})"
+               for name in RESTORED_OPTIM_FIELDS
+               if getattr(saved.optim, name) != getattr(recipe.optim, name)]
+    if changed and apply_optim_changes and strategy == "deepspeed":
+        raise ResumeError(f"{checkpoint}: {', '.join(changed)} differ from the checkpoint's, and "
+                          "--apply-optim-changes cannot rewrite a DeepSpeed optimizer state: "
+                          f"resume with its recipe (--recipe {checkpoint / RECIPE_FILE}) or start "
+                          "a new run from its weights (`infinitrain finetune --init`)")
+    if changed and not apply_optim_changes:
+        raise ResumeError(f"{checkpoint}: {', '.join(changed)} differ from the checkpoint's, and "
+                          "the restored optimizer and schedule would keep the old values: pass "
+                          "--apply-optim-changes to apply the new ones, or resume with its recipe "
+                          f"(--recipe {checkpoint / RECIPE_FILE})")
+
+
+def check_same_streams(recipe: Recipe, saved: Recipe, checkpoint: Path) -> None:
     """Refuse to resume with data, model or seed other than the checkpoint's: its stream
     positions and memories would not mean the same thing."""
-    saved = parse_recipe(yaml.safe_load((checkpoint / RECIPE_FILE).read_text()))
     changed = [name for name, before, now in (
         ("data", saved.data, recipe.data), ("model", saved.model_config, recipe.model_config),
         ("train.seed", saved.train.seed, recipe.train.seed)) if before != now]
@@ -163,30 +204,41 @@ def build_trainer(recipe: Recipe, name: str, run_plan: Plan, out_dir: Path, star
     )
 
 
+def owning(out_dir: Path) -> contextlib.AbstractContextManager:
+    """The run directory's lock, taken by the global rank 0 only (DDP's other processes are
+    launched by it, and its lock covers them)."""
+    return run_lock(out_dir) if rank_zero_only.rank == 0 else contextlib.nullcontext()
+
+
 def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
-          stop_at: int | None = None) -> Path | None:
-    """Train until ``stop_at`` (default: the recipe's max_steps) and return the last checkpoint."""
+          stop_at: int | None = None, apply_optim_changes: bool = False) -> Path | None:
+    """Train until ``stop_at`` (default: the recipe's max_steps) and return the last checkpoint;
+    ``apply_optim_changes``: a resume gives the restored optimizer the recipe's optim values."""
     seed_everything(recipe.train.seed, workers=True, verbose=False)
     quiet_known_warnings()
-    tokenizer = resolve_tokenizer(recipe)
-    check_sources(recipe, tokenizer)
-    run_plan = plan(recipe, summarize(recipe).parameters)
-    resume_from = checkpoint_to_resume(resume, out_dir)
-    start_step = 0
-    if resume_from is not None:
-        manifest = read_manifest(resume_from)
-        manifest.check_compatible(run_plan.world_size, recipe.data.streams,
-                                  recipe.data.window_tokens, resume_from)
-        start_step = manifest.step
-        check_same_streams(recipe, resume_from)
-        if (notice := manifest.thread_notice(torch.get_num_threads())) is not None:
-            rank_zero_warn(notice)
-    init = None if resume_from is not None or recipe.model.init is None else \
-        check_init(recipe.model.init, recipe.model_config)
-    trainer = build_trainer(recipe, name, run_plan, out_dir, start_step,
-                            stop_at or recipe.train.max_steps, tokenizer)
-    trainer.fit(StreamingLM(recipe, init=init, resume_from=resume_from),
-                datamodule=StreamData(recipe, tokenizer, resume_from),
-                ckpt_path=None if resume_from is None else resume_from / TRAINER_STATE,
-                weights_only=True)
-    return newest_checkpoint(out_dir)
+    parameters = summarize(recipe).parameters
+    check_host_memory(recipe, parameters)
+    with owning(out_dir):
+        tokenizer = resolve_tokenizer(recipe)
+        check_sources(recipe, tokenizer)
+        run_plan = plan(recipe, parameters)
+        resume_from = checkpoint_to_resume(resume, out_dir)
+        start_step = 0
+        if resume_from is not None:
+            manifest = read_manifest(resume_from)
+            manifest.check_compatible(run_plan.world_size, recipe.data.streams,
+                                      recipe.data.window_tokens, resume_from)
+            start_step = manifest.step
+            check_resumable(recipe, resume_from, apply_optim_changes, run_plan.kind)
+            if (notice := manifest.thread_notice(torch.get_num_threads())) is not None:
+                rank_zero_warn(notice)
+        init = None if resume_from is not None or recipe.model.init is None else \
+            check_init(recipe.model.init, recipe.model_config)
+        trainer = build_trainer(recipe, name, run_plan, out_dir, start_step,
+                                stop_at or recipe.train.max_steps, tokenizer)
+        module = StreamingLM(recipe, init=init, resume_from=resume_from,
+                             apply_optim_changes=apply_optim_changes)
+        trainer.fit(module, datamodule=StreamData(recipe, tokenizer, resume_from),
+                    ckpt_path=None if resume_from is None else resume_from / TRAINER_STATE,
+                    weights_only=True)
+        return newest_checkpoint(out_dir)

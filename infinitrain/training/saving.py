@@ -2,7 +2,9 @@
 
 Every rank takes part: Lightning/DeepSpeed write the trainer state (sharded under ZeRO), each rank
 writes its own streams' memory and data position, rank 0 writes the recipe, tokenizer and
-inference model directory, and only then is the checkpoint renamed into place.
+inference model directory, then the manifest listing every file's size and checksum, and only then
+is the checkpoint renamed into place. Weights that are not finite are never saved, and a save that
+fails (a full disk) leaves no half-written directory behind and the earlier checkpoints untouched.
 
 SIGUSR1 (SLURM's ``--signal=USR1@90`` before a time limit or preemption) asks for a checkpoint at
 the next step and a clean stop; under SLURM the job is then requeued, and its script's
@@ -12,6 +14,7 @@ the next step and a clean stop; under SLURM the job is then requeued, and its sc
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from .checkpoint import (
     staging_dir,
     write_manifest,
 )
-from .module import StreamingLM
+from .module import NonFiniteError, StreamingLM, finite_everywhere
 from .weights import model_from_state_dict, zero3_state_dict
 
 MODULE_PREFIX = "model."
@@ -50,9 +53,12 @@ class CheckpointWriter(Callback):
         self.tokenizer = tokenizer
         self.kind = kind
         self.saved_step = self.seen_step = -1
+        self.owner = os.getpid()
+        """Rank 0's process id: names this run's staging directories on every rank."""
 
     def on_train_start(self, trainer: Trainer, module: StreamingLM) -> None:
         self.saved_step = self.seen_step = trainer.global_step  # a resumed run has this one
+        self.owner = trainer.strategy.broadcast(self.owner)
         preemption.install()  # where training runs without the CLI; keeps any earlier request
 
     def on_train_batch_end(self, trainer: Trainer, module: StreamingLM, outputs, batch,
@@ -74,26 +80,44 @@ class CheckpointWriter(Callback):
 
     def save(self, trainer: Trainer, module: StreamingLM) -> None:
         step, strategy = trainer.global_step, trainer.strategy
-        staged = staging_dir(self.out_dir, step)
+        weights_finite = all(bool(torch.isfinite(t).all()) for t in local_weights(module))
+        if not finite_everywhere(strategy, weights_finite):
+            raise NonFiniteError(f"step {step}: the weights hold NaN or inf, so they were not "
+                                 f"saved; the checkpoints in {self.out_dir} are untouched: "
+                                 f"{module.remedy()}")
+        staged = staging_dir(self.out_dir, step, self.owner)
+        try:
+            self._write(trainer, module, staged)
+        except OSError as error:  # a full disk, a quota, a directory that went read-only
+            shutil.rmtree(staged, ignore_errors=True)
+            raise CheckpointWriteError(
+                f"step {step}: cannot write the checkpoint into {self.out_dir} "
+                f"({error.strerror or error}); the earlier checkpoints are untouched: free space "
+                "or choose another --out-dir, then resume with --resume auto") from None
+        if trainer.is_global_zero:
+            publish(staged, self.out_dir, step, self.recipe.checkpoint.keep_last)
+        strategy.barrier("checkpoint: published")
+        self.saved_step = step
+
+    def _write(self, trainer: Trainer, module: StreamingLM, staged: Path) -> None:
+        """Every file of the checkpoint into ``staged``, the manifest last."""
+        step, strategy = trainer.global_step, trainer.strategy
         if trainer.is_global_zero:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            clear_staging(self.out_dir)
+            clear_staging(self.out_dir, keep=staged)
             staged.mkdir()
         strategy.barrier("checkpoint: staging directory")
-        trainer.save_checkpoint(staged / TRAINER_STATE, weights_only=False)
+        save_trainer_state(trainer, staged / TRAINER_STATE)
         save_rank_streams(staged, trainer.global_rank, module.streams, module.data_position)
         if trainer.is_global_zero:
             save_model_dir(self._whole_model(module, staged), staged)
             self.tokenizer.save(staged / TOKENIZER_DIR)
             (staged / RECIPE_FILE).write_text(dump_recipe(self.recipe))
+        strategy.barrier("checkpoint: written")  # every rank's files are complete
+        if trainer.is_global_zero:
             write_manifest(staged, Manifest(step, trainer.world_size, self.recipe.data.streams,
                                             self.recipe.data.window_tokens, self.kind,
                                             torch.get_num_threads()))
-        strategy.barrier("checkpoint: written")
-        if trainer.is_global_zero:
-            publish(staged, self.out_dir, step, self.recipe.checkpoint.keep_last)
-        strategy.barrier("checkpoint: published")
-        self.saved_step = step
 
     def _whole_model(self, module: StreamingLM, staged: Path) -> InfiniTransformer:
         """The full model on rank 0: the live one, or rebuilt from what was just saved when the
@@ -107,6 +131,26 @@ class CheckpointWriter(Callback):
         else:
             return module.model
         return model_from_state_dict(config, state, MODULE_PREFIX)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only); one line says what to do."""
+
+
+def local_weights(module: StreamingLM) -> list[torch.Tensor]:
+    """The parameter values this rank holds (its partition under ZeRO-3)."""
+    return [getattr(p, "ds_tensor", p).detach() for p in module.parameters()]
+
+
+def save_trainer_state(trainer: Trainer, path: Path) -> None:
+    """Lightning's trainer state; torch reports a failed write (a full disk) as a RuntimeError
+    without an errno, so that one is turned into the OSError it is."""
+    try:
+        trainer.save_checkpoint(path, weights_only=False)
+    except RuntimeError as error:
+        if "file write failed" not in str(error) and "unexpected pos" not in str(error):
+            raise
+        raise OSError(f"writing {path.name} failed: {str(error).splitlines()[0]}") from error
 
 
 def requeue_slurm_job() -> None:

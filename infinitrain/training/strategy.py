@@ -7,6 +7,7 @@ optimizer states alone cannot fit the devices.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,9 @@ OPTIMIZER_STATE_BYTES = {"adamw": 12, "adafactor": 4}
 WEIGHT_BYTES = GRADIENT_BYTES = 2  # bf16
 USABLE_FRACTION = 0.9
 """Share of a GPU's memory the model states may take; activations need the rest."""
+HOST_GRADIENT_BYTES = 4
+"""A CPU process holds float32 gradients besides its optimizer states (whose float32 master copy
+is the weights themselves)."""
 
 
 @dataclass
@@ -108,6 +112,37 @@ def check_fits(parameters: int, optimizer: str, zero: DeepSpeedSection, world_si
             f"over {world_size} device(s), more than the {device_bytes / 2**30:.0f} GiB a GPU "
             "has: use more devices (train.devices, train.num_nodes) or set "
             "train.deepspeed.offload_optimizer (and offload_parameters at stage 3)")
+
+
+def runs_on_cpu(recipe: Recipe) -> bool:
+    """Whether the recipe trains on this machine's CPU (a DeepSpeed or FSDP recipe dry-run on a
+    machine without GPUs is meant for GPUs elsewhere)."""
+    train = recipe.train
+    if train.accelerator != "auto":
+        return train.accelerator == "cpu"
+    return not torch.cuda.is_available() and train.strategy not in ("deepspeed", "fsdp")
+
+
+def host_memory_bytes() -> int:
+    """The machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_host_memory(recipe: Recipe, parameters: int) -> None:
+    """A CPU run whose processes' weights, gradients and optimizer states alone exceed this
+    machine's memory fails here, before anything is allocated, not hours into an allocation."""
+    if not runs_on_cpu(recipe):
+        return
+    processes = max(recipe.train.devices, 1)
+    need = parameters * (HOST_GRADIENT_BYTES + OPTIMIZER_STATE_BYTES[recipe.optim.name]) * \
+        processes
+    have = host_memory_bytes()
+    if need > USABLE_FRACTION * have:
+        raise RecipeError(
+            f"model: {parameters / 1e9:.2f}B parameters need {need / 2**30:,.1f} GiB for "
+            f"weights, gradients and {recipe.optim.name} states in {processes} CPU process(es), "
+            f"more than this machine's {have / 2**30:,.1f} GiB of memory: choose a smaller model "
+            "(model.d_model, model.n_layers, model.vocab_size) or fewer train.devices")
 
 
 def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
