@@ -1,4 +1,4 @@
-"""GPU benchmark of an Infini-Transformer preset, every figure of issue 9 in one run.
+"""GPU benchmark of an Infini-Transformer preset: every GPU figure of the README in one run.
 
 1. Training throughput: one window of k segments per stream, bf16 autocast, activation
    checkpointing, AdamW step included: tokens/s, TFLOP/s, MFU (see :func:`flops_per_token`),
@@ -112,7 +112,7 @@ def release(device: torch.device) -> None:
 
 
 def matmul_tflops(device: torch.device, size: int, repeats: int = 10) -> float:
-    """Measured bf16 matmul ceiling (random inputs; METHOD.md: datasheet rates are leads)."""
+    """Measured bf16 matmul ceiling (random inputs: a datasheet rate is a lead, not a ceiling)."""
     a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
     seconds = statistics.median(timed(lambda: a @ b, device, warmup=3, repeats=repeats))
     return 2 * size**3 / seconds / 1e12

@@ -1,5 +1,5 @@
 """A real one-node SLURM cluster on this machine for the tests: munged, slurmctld and slurmd on
-localhost, all state in a temporary directory (../shared/NOTES-slurm.md has why each setting).
+localhost, all state in a temporary directory (docs/design.md §4 says why each setting).
 
 It needs Debian's ``slurmctld slurmd slurm-client munge`` packages (`.ci/run` installs them) and
 root (slurmd starts jobs as their user). Where either is missing the cluster is *unavailable*

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_line_error, write_run
 from typer.testing import CliRunner
 
 from infinitrain.cli import app
@@ -18,8 +19,7 @@ from infinitrain.evaluation.harness import harness_model, hf_export, run_harness
 from infinitrain.export import export_hf
 from infinitrain.inference import GenerationConfig, generate
 from infinitrain.inference.loading import load_model
-from infinitrain.model import InfiniTransformer, preset
-from infinitrain.model_dir import save_model_dir
+from infinitrain.model import InfiniTransformer
 
 pytest.importorskip("lm_eval")
 
@@ -32,39 +32,14 @@ SCORED = "infinitrain_choice,infinitrain_rolling"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_run(run: Path) -> Path:
-    """A training run's layout (run/step-00000010/ with tokenizer, run/latest), as in
-    test_export_hf. Untied embeddings: a tied random model greedily repeats the prompt's last
-    token whatever the prompt, which would make every generation alike."""
-    torch.manual_seed(0)
-    config = preset("tiny", vocab_size=4096, d_model=32, ffn_dim=64, segment_len=SEGMENT,
-                    tie_embeddings=False)
-    model = InfiniTransformer(config)
-    with torch.no_grad():
-        for block in model.layers:
-            if block.attn.has_memory:
-                block.attn.gate.normal_(0, 2)  # gates differ per head: the memory matters
-    step = save_model_dir(model, run / "step-00000010")
-    load_tokenizer(REPO / "data" / "tokenizer").save(step / "tokenizer")
-    (run / "latest").write_text("step-00000010\n")
-    return step
-
-
 def harness(*args: str | Path):
     return CliRunner().invoke(app, ["eval", "harness", *map(str, args)])
-
-
-def one_line_error(result, expected: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:") and expected in lines[0], lines
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")
-    write_run(run)
+    write_run(run, tie=False)  # a tied random model repeats the prompt's last token
     return run
 
 

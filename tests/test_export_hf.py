@@ -9,21 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_RECIPE, one_line_error, write_run
 from safetensors import safe_open
 from typer.testing import CliRunner
 
 from infinitrain.cli import app
 from infinitrain.data import load_tokenizer
-from infinitrain.export import load_exported
 from infinitrain.export.hf import core_files
 from infinitrain.inference import GenerationConfig, SamplingConfig, generate
-from infinitrain.inference.loading import load_model
+from infinitrain.inference.loading import load_exported, load_model
 from infinitrain.model import InfiniTransformer, preset
 from infinitrain.model_dir import load_model_dir, save_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 SEGMENT = 8
-RECIPE = "description: export test\nmodel:\n  preset: tiny\n  segment_len: 8\n"
 TEXT = "It is a truth universally acknowledged, that a single man in possession of 42 pounds"
 
 
@@ -44,26 +43,6 @@ def carried(output):
 def continuing(state) -> dict:
     """The keyword that hands a carried state back to forward() or generate()."""
     return {_cache_name(): state}
-
-
-def write_run(run: Path, tie: bool = True, vocab_size: int = 4096, **overrides) -> Path:
-    """A training run's layout: run/step-00000010/ (model directory, tokenizer, recipe) and
-    run/latest. Gates differ per head, so the memory visibly matters."""
-    torch.manual_seed(0)
-    config = preset("tiny", vocab_size=vocab_size, d_model=32, ffn_dim=64, segment_len=SEGMENT,
-                    tie_embeddings=tie, **overrides)
-    model = InfiniTransformer(config)
-    with torch.no_grad():
-        for block in model.layers:
-            if block.attn.has_memory:
-                block.attn.gate.normal_(0, 2)
-            if config.memory_write_gate:  # some tokens closed, some open, some in between
-                block.attn.write_weight.normal_(0, 2)
-    step = save_model_dir(model, run / "step-00000010")
-    load_tokenizer(REPO / "data" / "tokenizer").save(step / "tokenizer")
-    (step / "recipe.yaml").write_text(RECIPE)
-    (run / "latest").write_text("step-00000010\n")
-    return step
 
 
 def export(*args: str):
@@ -108,7 +87,7 @@ def test_export_ships_the_core_files_verbatim_with_config_and_card(exported):
     tokenizer = load_tokenizer(REPO / "data" / "tokenizer")
     assert generation["eos_token_id"] == tokenizer.eos_id
     card = (exported / "README.md").read_text()
-    assert RECIPE.strip() in card and "trust_remote_code=True" in card
+    assert TINY_RECIPE.strip() in card and "trust_remote_code=True" in card
 
 
 @pytest.mark.parametrize("length", [3 * SEGMENT + 5, 3 * SEGMENT])
@@ -339,13 +318,6 @@ def test_save_pretrained_output_loads_again(hf_model, core, tmp_path):
         expected, _ = core(ids)
         assert torch.allclose(again(ids).logits, expected, atol=1e-5, rtol=0)
         assert torch.equal(loaded.model(ids)[0], expected)
-
-
-def one_line_error(result, expected: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:") and expected in lines[0], lines
 
 
 def test_malformed_inputs_fail_in_one_line(tmp_path, run_dir, exported):

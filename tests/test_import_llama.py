@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_line_error
 from typer.testing import CliRunner
 
 from infinitrain.cli import app
@@ -116,13 +117,6 @@ def edited_copy(source: Path, target: Path, **changes) -> Path:
     config.update(changes)
     (target / "config.json").write_text(json.dumps(config))
     return target
-
-
-def one_line_error(result, expected: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:") and expected in lines[0], lines
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0,

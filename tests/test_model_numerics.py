@@ -68,7 +68,7 @@ def test_memory_math_ignores_autocast(rule: str) -> None:
 
 
 def test_normaliser_accumulates_a_million_tokens_exactly_enough() -> None:
-    """z is a running sum; bf16 stalls near 766K tokens and fp16 overflows (DESIGN.md §2)."""
+    """z is a running sum; bf16 stalls near 766K tokens and fp16 overflows (docs/design.md §2)."""
     torch.manual_seed(0)
     segment, d = 2048, 64
     memory, norm = torch.zeros(1, d, d), torch.zeros(1, d)

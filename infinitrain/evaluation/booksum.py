@@ -1,7 +1,7 @@
 """BookSum: read each book through memory, generate its summary, score it with ROUGE.
 
 The paper's setting: inputs up to 500K tokens, temperature 0.5, top-p 0.95, up to 1024 new tokens
-(DESIGN.md §1). Books longer than the input budget are truncated by the data pipeline, which
+(docs/design.md §1). Books longer than the input budget are truncated by the data pipeline, which
 counts what it drops; the results record it per book.
 """
 

@@ -2,7 +2,7 @@
 
 The paper (Fig. 3) finds, after training, specialised heads (gate near 1: memory only; near 0:
 local attention only) and mixer heads (near 0.5) in every layer; a model whose gates all sit at 0.5
-has not learned to use its memory (DESIGN.md §2: frozen gates).
+has not learned to use its memory (docs/design.md §2: frozen gates).
 """
 
 from __future__ import annotations

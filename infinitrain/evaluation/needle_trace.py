@@ -1,4 +1,4 @@
-"""How much of a passkey needle survives in the compressive memory as filler accumulates (issue 8).
+"""How much of a passkey needle survives in the compressive memory as filler accumulates.
 
 A passkey prompt and its twin, identical except that the needle's tokens are replaced by as many
 filler tokens, are streamed side by side (one batch of two) segment by segment. Whatever differs

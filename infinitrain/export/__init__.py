@@ -1,6 +1,8 @@
-"""Hugging Face interop: export to the HF format (loads with trust_remote_code), import Llama."""
+"""Hugging Face interop: export to the HF format (loads with trust_remote_code), import Llama.
 
-from .hf import ExportError, export_hf, load_exported
+Reading an export back as the core model is `infinitrain.inference.loading.load_exported`."""
+
+from .hf import ExportError, export_hf
 from .llama import DEFAULT_GATE_INIT, LlamaImport, LlamaImportError, import_llama
 
 __all__ = [
@@ -10,5 +12,4 @@ __all__ = [
     "LlamaImportError",
     "export_hf",
     "import_llama",
-    "load_exported",
 ]

@@ -1,4 +1,4 @@
-"""Export a model directory to the Hugging Face format, and read such an export back.
+"""Export a model directory to the Hugging Face format.
 
 An exported directory loads with ``AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)`` and ``AutoTokenizer.from_pretrained(dir, trust_remote_code=True)``:
@@ -20,21 +20,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
 
 from .. import model as core_package
 from ..model import InfiniTransformer, ModelConfig
 from ..model_dir import load_model_dir, tokenizer_path
 from .files import check_new_dir, checked_tokenizer, copy_tokenizer_files
 from .model_card import model_card
-
-if TYPE_CHECKING:
-    from ..inference.loading import LoadedModel
 
 MODEL_TYPE = "infini_llama"
 ARCHITECTURE = "InfiniForCausalLM"
@@ -125,35 +119,3 @@ def _write_weights(out: Path, model: InfiniTransformer, dtype: torch.dtype,
         del weights[WEIGHT_PREFIX + "lm_head.weight"]  # transformers re-ties it on load
     save_torch_state_dict(weights, out, max_shard_size=max_shard_size,
                           metadata={"format": "pt"})
-
-
-def load_exported(path: Path, device: torch.device,
-                  dtype: torch.dtype) -> LoadedModel | None:
-    """An exported directory as the core model (for ``--model`` of the evaluation commands), or
-    None when ``path`` is not one. No transformers and no remote code involved."""
-    from ..inference.loading import LoadedModel
-
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        return None
-    values = json.loads(config_file.read_text())
-    if values.get("model_type") != MODEL_TYPE:
-        return None
-    names = {field.name for field in fields(ModelConfig)}
-    core = {name: value for name, value in values.items() if name in names}
-    core.setdefault("tie_embeddings", values.get("tie_word_embeddings", False))  # re-saved
-    model = InfiniTransformer(ModelConfig.from_dict(core))
-    weights = {name.removeprefix(WEIGHT_PREFIX): tensor
-               for file in _weight_files(path) for name, tensor in load_file(file).items()}
-    if model.config.tie_embeddings:
-        weights["lm_head.weight"] = weights["embed_tokens.weight"]
-    model.load_state_dict(weights)
-    return LoadedModel(model.to(device=device, dtype=dtype).eval(), path, path)
-
-
-def _weight_files(path: Path) -> list[Path]:
-    index = path / WEIGHTS_INDEX
-    if index.is_file():
-        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"]
-                                                   .values()))]
-    return [path / WEIGHTS_FILE]

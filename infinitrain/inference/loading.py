@@ -1,20 +1,23 @@
-"""What ``--model`` accepts: a model directory, a training checkpoint, or a run's output directory.
+"""What ``--model`` accepts: a model directory, a training checkpoint, a run's output directory,
+or a Hugging Face export.
 
-Each supported on-disk format is one loader function that returns None when a directory is not in
-its format; supporting another (the exported Hugging Face directory) is one more entry in
-:data:`LOADERS`.
+Each supported on-disk format is one loader function here that returns None when a directory is
+not in its format; supporting another is one more entry in :data:`LOADERS`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from ..export.hf import load_exported
-from ..model import InfiniTransformer
+from ..export.hf import CONFIG_FILE as EXPORT_CONFIG_FILE
+from ..export.hf import MODEL_TYPE, WEIGHT_PREFIX, WEIGHTS_FILE, WEIGHTS_INDEX
+from ..model import InfiniTransformer, ModelConfig
 from ..model_dir import CONFIG_FILE, ModelDirError, load_model_dir, tokenizer_path
 
 LATEST_POINTER = "latest"
@@ -38,6 +41,36 @@ def load_infinitrain_dir(path: Path, device: torch.device,
     if not (path / CONFIG_FILE).is_file():
         return None
     return LoadedModel(load_model_dir(path, device, dtype), path, tokenizer_path(path))
+
+
+def load_exported(path: Path, device: torch.device,
+                  dtype: torch.dtype) -> LoadedModel | None:
+    """An ``infinitrain export hf`` directory as the core model, or None when ``path`` is not
+    one. No transformers and no remote code involved."""
+    config_file = path / EXPORT_CONFIG_FILE
+    if not config_file.is_file():
+        return None
+    values = json.loads(config_file.read_text())
+    if values.get("model_type") != MODEL_TYPE:
+        return None
+    names = {field.name for field in fields(ModelConfig)}
+    core = {name: value for name, value in values.items() if name in names}
+    core.setdefault("tie_embeddings", values.get("tie_word_embeddings", False))  # re-saved
+    model = InfiniTransformer(ModelConfig.from_dict(core))
+    weights = {name.removeprefix(WEIGHT_PREFIX): tensor
+               for file in _export_weight_files(path) for name, tensor in load_file(file).items()}
+    if model.config.tie_embeddings:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    model.load_state_dict(weights)
+    return LoadedModel(model.to(device=device, dtype=dtype).eval(), path, path)
+
+
+def _export_weight_files(path: Path) -> list[Path]:
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"]
+                                                   .values()))]
+    return [path / WEIGHTS_FILE]
 
 
 LOADERS: list[Loader] = [load_infinitrain_dir, load_exported]

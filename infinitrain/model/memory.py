@@ -9,7 +9,7 @@ growing and a needle's share of the read-out shrinks like 1/length.
 
 All functions take σ(Q), σ(K) and V already laid out per key/value head and compute in float32 with
 autocast disabled, whatever the caller's precision: ``z`` is a running sum over every token read,
-which bf16 stops growing near 766K tokens and fp16 overflows near 57K (DESIGN.md §2).
+which bf16 stops growing near 766K tokens and fp16 overflows near 57K (docs/design.md §2).
 """
 
 from __future__ import annotations
