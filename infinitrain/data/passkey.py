@@ -1,4 +1,4 @@
-"""Passkey retrieval prompts in the Landmark Attention format (DESIGN.md §1), at any length.
+"""Passkey retrieval prompts in the Landmark Attention format (docs/design.md §1), at any length.
 
 Prompts are assembled from token ids, never from a long string: the filler is tokenized once and
 tiled, so a 1M-token prompt costs a tensor repeat. The layout is Landmark's ``"\\n".join`` of task,

@@ -1,4 +1,4 @@
-"""Passkey retrieval (Landmark format, DESIGN.md §1) at any length, with bounded memory.
+"""Passkey retrieval (Landmark format, docs/design.md §1) at any length, with bounded memory.
 
 Each prompt is streamed through memory window by window and answered by greedy decoding; the
 answer counts when the first integer in the generated text is the key. Peak memory and prefill

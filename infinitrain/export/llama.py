@@ -8,7 +8,7 @@ with the same Q, K, V: every Llama tensor fills its counterpart one to one, and 
 Gates start at ``gate_init`` = −6 by default: sigmoid(−6) ≈ 0.0025, so every attention output is
 99.75 % the original local attention and the model starts close to the Llama it came from (with
 ``use_memory=False``, within one segment, it computes exactly the Llama's logits). The gate's
-gradient σ'(β) ≈ 0.0025 is small but alive, where β ≤ −10 would never move (DESIGN.md §2); the
+gradient σ'(β) ≈ 0.0025 is small but alive, where β ≤ −10 would never move (docs/design.md §2); the
 training recipe gives β its own, larger learning rate.
 """
 

@@ -106,7 +106,8 @@ class OptimSection:
     lr: float = 3e-4
     """Peak learning rate of every parameter but the gates."""
     gate_lr_multiplier: float = 100.0
-    """The gates' β learn at lr × this (DESIGN.md §2: under the base lr they stay stuck at 0.5)."""
+    """The gates' β learn at lr × this (docs/design.md §2: under the base lr they stay stuck at
+    0.5)."""
     weight_decay: float = 0.1
     """Decoupled weight decay of matrices; norms, biases and gates never decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])

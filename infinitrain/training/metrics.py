@@ -1,8 +1,8 @@
 """Training metrics beyond the loss: throughput, FLOP/s and MFU, peak memory, grad norm, gates.
 
-Gate statistics follow DESIGN.md §2: a healthy model has, in every layer, specialised heads (gate
-near 0: local attention; near 1: memory) and mixers (≈ 0.5); gates stuck at 0.5 everywhere mean β
-is not learning.
+Gate statistics follow docs/design.md §2: a healthy model has, in every layer, specialised heads
+(gate near 0: local attention; near 1: memory) and mixers (≈ 0.5); gates stuck at 0.5 everywhere
+mean β is not learning.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 One training step takes the next window (k segments) of this rank's B streams, runs the model from
 the streams' carried memory, backpropagates through the whole window once, and carries the
-detached memory on. One backward per optimizer step, always (NOTES-stack.md: several backwards per
-step lose gradients under DeepSpeed); accumulation over windows is Lightning's
+detached memory on. One backward per optimizer step, always (docs/design.md §3: several backwards
+per step lose gradients under DeepSpeed); accumulation over windows is Lightning's
 ``accumulate_grad_batches``.
 
 A step whose loss or gradient norm is NaN or inf on any rank updates nothing: up to
