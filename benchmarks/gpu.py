@@ -26,8 +26,8 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -122,27 +122,9 @@ def matmul_tflops(device: torch.device, size: int, repeats: int = 10) -> float:
 # 1-2. Training throughput with and without the memory
 
 
-@contextmanager
-def memory_skipped() -> Iterator[None]:
-    """Local attention only: the memory scan is replaced by one that reads zeros and writes
-    nothing. ``use_memory=False`` alone still runs the scan's forward (its result unused), twice
-    under checkpointing, so it is no clean baseline; both are reported."""
-
-    def no_scan(sigma_q: Tensor, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
-                rule: str, reset: Tensor | None = None,
-                strength: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        return sigma_q.new_zeros(*sigma_q.shape[:-1], values.shape[-1]), memory, norm
-
-    with mock.patch.object(attention_module, "scan", no_scan):
-        yield
-
-
-VARIANTS: dict[str, tuple[bool, Callable[[], AbstractContextManager]]] = {
-    "infini": (True, nullcontext),
-    "use_memory_false": (False, nullcontext),
-    "local_only": (False, memory_skipped),
-}
-"""name -> (use_memory, context): the Infini model, the model's own switch, the clean baseline."""
+VARIANTS: dict[str, bool] = {"infini": True, "local_only": False}
+"""name -> use_memory: the Infini model, and the same model with the memory off, which then does
+no memory work at all (the clean baseline of the overhead)."""
 
 
 def train_benchmark(config: ModelConfig, device: torch.device, batch: int, segments: int,
@@ -162,7 +144,7 @@ def train_benchmark(config: ModelConfig, device: torch.device, batch: int, segme
     states: dict[str, Any] = dict.fromkeys(VARIANTS)
 
     def step(name: str) -> None:
-        use_memory, _ = VARIANTS[name]
+        use_memory = VARIANTS[name]
         with torch.autocast(device.type, dtype=torch.bfloat16):
             hidden, state = model.hidden_states(ids, states[name], use_memory=use_memory)
             loss = supervised_loss_sum(hidden, labels, model.lm_head) / tokens
@@ -174,15 +156,14 @@ def train_benchmark(config: ModelConfig, device: torch.device, batch: int, segme
     times: dict[str, list[list[float]]] = {name: [] for name in VARIANTS}
     peaks: dict[str, int | None] = dict.fromkeys(VARIANTS)
     for _ in range(rounds):
-        for name, (_, context) in VARIANTS.items():
+        for name in VARIANTS:
             reset_peak(device)
-            with context():
-                times[name].append(timed(lambda n=name: step(n), device, warmup, steps))
+            times[name].append(timed(lambda n=name: step(n), device, warmup, steps))
             peak = peak_bytes(device)
             peaks[name] = None if peak is None else max(peak, peaks[name] or 0)
 
     results: dict[str, Any] = {"tokens_per_step": tokens}
-    for name, (use_memory, _) in VARIANTS.items():
+    for name, use_memory in VARIANTS.items():
         seconds = statistics.median(t for round_times in times[name] for t in round_times)
         round_medians = [statistics.median(r) for r in times[name]]
         tflops = flops_per_token(config, memory=use_memory) * tokens / seconds / 1e12
@@ -198,8 +179,6 @@ def train_benchmark(config: ModelConfig, device: torch.device, batch: int, segme
         }
     results["overhead_vs_local_only"] = (results["infini"]["step_s"]
                                          / results["local_only"]["step_s"])
-    results["overhead_vs_use_memory_false"] = (results["infini"]["step_s"]
-                                               / results["use_memory_false"]["step_s"])
     return results
 
 
@@ -419,8 +398,7 @@ def report(results: dict[str, Any]) -> str:
                 f"{_fmt(r['mfu'], '.1%'):>7}{r['mfu_of_measured_matmul']:>11.1%}"
                 f"{_fmt(r['peak_gib'], '.2f'):>10}{r['spread']:>8.1%}")
         lines.append(f"  Infini overhead: {train['overhead_vs_local_only']:.3f}× step time vs "
-                     f"local only ({train['overhead_vs_use_memory_false']:.3f}× vs "
-                     "use_memory=False)")
+                     "local only")
     pre = results.get("prefill", {})
     if "error" in pre:
         lines.append(f"prefill: FAILED: {pre['error']}")

@@ -149,6 +149,31 @@ def test_gradient_flows_through_memory_writes_and_stops_at_detach() -> None:
     assert first.grad is None  # truncated BPTT boundary
 
 
+@pytest.mark.parametrize("rule", ["delta", "deltanet"])
+def test_the_memory_disabled_baseline_neither_reads_nor_writes_the_memory(rule) -> None:
+    """use_memory=False is the model with every gate shut, minus the memory work: the state's
+    memory comes back as it went in, where the shut model still writes it."""
+    torch.manual_seed(0)
+    model = InfiniTransformer(small_config(memory_rule=rule)).eval()
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.gate.normal_(0, 2)
+    shut = InfiniTransformer(model.config).eval()
+    shut.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for block in shut.layers:
+            block.attn.gate.fill_(-1e4)  # sigmoid: exactly 0 in float32
+    ids = torch.randint(0, 97, (2, 3 * 8 + 5))
+    with torch.no_grad():
+        _, state = model(ids[:, :11])  # a memory that holds something, mid-segment
+        off, after = model(ids[:, 11:], state, use_memory=False)
+        gated, written = shut(ids[:, 11:], state)
+    assert torch.allclose(off, gated, atol=1e-5, rtol=0)
+    for layer, before, shut_layer in zip(after.layers, state.layers, written.layers, strict=True):
+        assert torch.equal(layer.memory, before.memory) and torch.equal(layer.norm, before.norm)
+        assert not torch.equal(shut_layer.memory, before.memory)  # the shut model still writes
+
+
 @pytest.mark.parametrize(("name", "llama_params"), [("1b", 1_235_814_400), ("8b", 8_030_261_248)])
 def test_presets_match_llama_shapes(name: str, llama_params: int) -> None:
     config = preset(name)

@@ -122,7 +122,8 @@ class InfiniAttention(nn.Module):
         q = self.q_proj(x).view(b, t, cfg.n_heads, cfg.head_dim)
         k = self.k_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim)
-        if self.training and self.has_memory and cfg.memory_write_gate:
+        memory = self.has_memory and use_memory  # the memory-disabled baseline skips it all
+        if self.training and memory and cfg.memory_write_gate:
             self.last_write_cost = self.write_cost(k)
 
         n = cfg.segment_len
@@ -133,22 +134,25 @@ class InfiniAttention(nn.Module):
         # reset has one column per segment *starting* in this chunk: the whole ones, then the tail.
         outputs = []
         if head:
-            out, state = self._partial(q[:, :head], k[:, :head], v[:, :head], state, None)
+            out, state = self._partial(q[:, :head], k[:, :head], v[:, :head], state, None,
+                                       memory)
             outputs.append(out)
         if whole:
             piece = slice(head, head + whole)
             seg_reset = None if reset is None else reset[:, : whole // n]
-            out, state = self._segments(q[:, piece], k[:, piece], v[:, piece], state, seg_reset)
+            out, state = self._segments(q[:, piece], k[:, piece], v[:, piece], state, seg_reset,
+                                        memory)
             outputs.append(out)
         if head + whole < t:
             tail = slice(head + whole, t)
             tail_reset = None if reset is None else reset[:, whole // n]
-            out, state = self._partial(q[:, tail], k[:, tail], v[:, tail], state, tail_reset)
+            out, state = self._partial(q[:, tail], k[:, tail], v[:, tail], state, tail_reset,
+                                       memory)
             outputs.append(out)
 
         local, retrieved = (torch.cat(parts, dim=1) if parts[0] is not None else None
                             for parts in zip(*outputs, strict=True))
-        if use_memory and self.has_memory:
+        if memory:
             g = torch.sigmoid(self.gate.float())[:, None]
             mixed = g * retrieved + (1 - g) * local.float()
         else:
@@ -182,8 +186,10 @@ class InfiniAttention(nn.Module):
         return torch.sigmoid(logits).mean()
 
     def _segments(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState,
-                  reset: Tensor | None) -> tuple[tuple[Tensor, Tensor | None], LayerState]:
-        """A run of S whole segments: local attention batched over segments, memory scanned."""
+                  reset: Tensor | None,
+                  memory: bool) -> tuple[tuple[Tensor, Tensor | None], LayerState]:
+        """A run of S whole segments: local attention batched over segments, memory scanned
+        (unless ``memory`` is False)."""
         b, t, h_q, d = q.shape
         n, w = self.config.segment_len, self.config.local_overlap
         s = t // n
@@ -199,29 +205,30 @@ class InfiniAttention(nn.Module):
             apply_rope(seen_keys, positions, inv_freq), seen_values, key_mask,
         ).reshape(b, t, h_q, d)
         new_state = closing_segment(state, keys[:, -1], values[:, -1], w)
-        if not self.has_memory:
+        if not memory:
             return (local, None), new_state
         rule = self.config.memory_rule
         sigma_q = group_queries(self.features(q).view(b, s, n, h_q, d), k.shape[2])
         strength = self.write_strength(k)
         if strength is not None:
             strength = by_kv_head(strength.unsqueeze(-1), s).squeeze(-1)
-        retrieved, memory, norm = scan(
+        retrieved, matrix, norm = scan(
             sigma_q, by_kv_head(self.features(k), s), by_kv_head(v, s),
             state.memory, state.norm, rule, reset, strength,
         )
-        return (local, ungroup_queries(retrieved, n)), replace(new_state, memory=memory, norm=norm)
+        return (local, ungroup_queries(retrieved, n)), replace(new_state, memory=matrix, norm=norm)
 
     def _partial(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState,
-                 reset: Tensor | None) -> tuple[tuple[Tensor, Tensor | None], LayerState]:
+                 reset: Tensor | None,
+                 memory: bool) -> tuple[tuple[Tensor, Tensor | None], LayerState]:
         """Tokens within one segment that the state already holds a prefix of (maybe empty).
 
         Queries attend to the overlap context and the cached prefix; the segment is folded into
-        memory once complete.
+        memory once complete (unless ``memory`` is False).
         """
-        memory, norm, visible = state.memory, state.norm, state.context_visible
+        matrix, norm, visible = state.memory, state.norm, state.context_visible
         if reset is not None:
-            memory = torch.where(reset[:, None, None, None], torch.zeros_like(memory), memory)
+            matrix = torch.where(reset[:, None, None, None], torch.zeros_like(matrix), matrix)
             norm = torch.where(reset[:, None, None], torch.zeros_like(norm), norm)
             visible = visible & ~reset[:, None]
         keys = torch.cat([state.keys, k], dim=1)
@@ -237,17 +244,17 @@ class InfiniAttention(nn.Module):
         )
         complete = total == self.config.segment_len
         retrieved = None
-        if self.has_memory:
+        if memory:
             rule = self.config.memory_rule
             sigma_q = group_queries(self.features(q).unsqueeze(1), k.shape[2])
-            retrieved = ungroup_queries(retrieve(sigma_q[:, 0], memory, norm, rule).unsqueeze(1),
+            retrieved = ungroup_queries(retrieve(sigma_q[:, 0], matrix, norm, rule).unsqueeze(1),
                                         length)
             if complete:
                 strength = self.write_strength(keys)
-                memory, norm = update(self.features(keys).transpose(1, 2),
-                                      values.transpose(1, 2), memory, norm, rule,
+                matrix, norm = update(self.features(keys).transpose(1, 2),
+                                      values.transpose(1, 2), matrix, norm, rule,
                                       None if strength is None else strength.transpose(1, 2))
-        new_state = LayerState(memory, norm, keys, values, state.context_keys,
+        new_state = LayerState(matrix, norm, keys, values, state.context_keys,
                                state.context_values, visible)
         if complete:
             new_state = replace(closing_segment(new_state, keys, values, self.config.local_overlap),
