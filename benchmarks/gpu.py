@@ -40,7 +40,6 @@ from infinitrain.inference.stream import DEFAULT_WINDOW_SEGMENTS, prefill
 from infinitrain.model import InfiniTransformer, ModelConfig, preset
 from infinitrain.model import attention as attention_module
 from infinitrain.model import memory as memory_module
-from infinitrain.model.config import MEMORY_RULES
 from infinitrain.training.flops import (
     flops_per_token,
     forward_flops_per_token,
@@ -51,10 +50,6 @@ from infinitrain.training.module import supervised_loss_sum
 LOSS_CHUNK_TOKENS = 4096
 """As infinitrain/training/module.py: the output layer and cross-entropy run 4096 tokens at a
 time, recomputed in the backward, so a 128K vocabulary never holds a whole window's logits."""
-
-RAW_RETRIEVE = memory_module.retrieve.__wrapped__
-RAW_UPDATE = memory_module.update.__wrapped__
-"""The memory math without its float32 decorator, to measure what bf16 would cost."""
 
 GiB = 2**30
 
@@ -305,45 +300,44 @@ def memory_precision(config: ModelConfig, device: torch.device) -> dict[str, Any
     bf16 tensors throughout, state included. Shapes are one stream of the config: H_kv heads,
     the G query heads of a group stacked; the state first holds four random segments.
     """
-    return {rule: _rule_precision(config, device, rule) for rule in MEMORY_RULES}
+    return {rule: _rule_precision(config, device, rule) for rule in memory_module.RULES}
 
 
 def _rule_precision(config: ModelConfig, device: torch.device, rule: str) -> dict[str, Any]:
+    """The rule's own methods are the math without the float32 guarantee of the module functions
+    the model calls: what bf16 would cost."""
     n, dh, h_kv = config.segment_len, config.head_dim, config.n_kv_heads
-    unwrapped = mock.patch.object(memory_module, "retrieve", RAW_RETRIEVE)  # update's delta term
+    math = memory_module.rule_named(rule)
 
     def features(length: int) -> Tensor:
         return memory_module.feature_map(torch.randn(1, h_kv, length, dh, device=device), rule)
 
     def ops(q: Tensor, k: Tensor, v: Tensor, m: Tensor, z: Tensor) -> tuple[Tensor, ...]:
-        return RAW_RETRIEVE(q, m, z, rule), *RAW_UPDATE(k, v, m, z, rule)
+        return math.retrieve(q, m, z), *math.update(k, v, m, z)
 
     memory = torch.zeros(1, h_kv, dh, dh, device=device, dtype=torch.float64)
     norm = torch.zeros(1, h_kv, dh, device=device, dtype=torch.float64)
-    with unwrapped:
-        for _ in range(4):
-            memory, norm = RAW_UPDATE(features(n).double(),
-                                      torch.randn(1, h_kv, n, dh, device=device).double(),
-                                      memory, norm, rule)
+    for _ in range(4):
+        memory, norm = math.update(features(n).double(),
+                                   torch.randn(1, h_kv, n, dh, device=device).double(),
+                                   memory, norm)
     sigma_q = features(config.kv_group_size * n)
     sigma_k = features(n)
     values = torch.randn(1, h_kv, n, dh, device=device)
     tensors = (sigma_q, sigma_k, values, memory.float(), norm.float())
 
     def bf16_matmul() -> tuple[Tensor, ...]:
-        with unwrapped, torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             return ops(*tensors)
 
     def bf16() -> tuple[Tensor, ...]:
-        with unwrapped:
-            return ops(*(t.bfloat16() for t in tensors))
+        return ops(*(t.bfloat16() for t in tensors))
 
     def fp32() -> tuple[Tensor, ...]:
         q, k, v, m, z = tensors
         return memory_module.retrieve(q, m, z, rule), *memory_module.update(k, v, m, z, rule)
 
-    with unwrapped:
-        reference = ops(*(t.double() for t in tensors))
+    reference = ops(*(t.double() for t in tensors))
     results: dict[str, Any] = {}
     for precision, fn in (("fp32", fp32), ("bf16_matmul", bf16_matmul), ("bf16", bf16)):
         try:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from infinitrain.model import InfiniTransformer, LayerState, preset
+from infinitrain.model import memory as memory_rules
 from infinitrain.model.attention import InfiniAttention
 
 
@@ -37,7 +38,40 @@ def randomise_gates(model: torch.nn.Module) -> None:
                 param.copy_(torch.randn_like(param) * 2)
 
 
-def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> torch.Tensor:
+def normalised_read(sigma_q, memory, norm):
+    """The paper's read, σ(Q)M / σ(Q)z; 0 before anything is written."""
+    if norm.abs().sum() == 0:
+        return torch.zeros(sigma_q.shape[0], memory.shape[1])
+    return sigma_q @ memory / (sigma_q @ norm)[:, None]
+
+
+def linear_write(sigma, k, v, memory, norm, strength):
+    return memory + sigma(k).T @ v, norm + sigma(k).sum(0)
+
+
+def delta_write(sigma, k, v, memory, norm, strength):
+    if norm.abs().sum():
+        v = v - (sigma(k) @ memory) / (sigma(k) @ norm)[:, None]
+    return linear_write(sigma, k, v, memory, norm, strength)
+
+
+def sequential_delta_write(sigma, k, v, memory, norm, strength):
+    """DeltaNet's rule one token at a time, each write scaled by its strength β_t."""
+    for t in range(k.shape[0]):
+        key = sigma(k[t:t + 1])
+        memory = memory + strength(k[t]) * key.T @ (v[t:t + 1] - key @ memory)
+    return memory, norm + sigma(k).sum(0)
+
+
+PAPER_RULES = {  # name -> (unit-norm features, read, write), written out independently
+    "linear": (False, normalised_read, linear_write),
+    "delta": (False, normalised_read, delta_write),
+    "deltanet": (True, lambda sigma_q, memory, norm: sigma_q @ memory, sequential_delta_write),
+}
+"""Every registered memory rule's equations, looped: adding a rule adds its entry here."""
+
+
+def reference_attention(attn: InfiniAttention, x: torch.Tensor) -> torch.Tensor:
     """Infini-attention straight from the paper: loops over streams, heads and segments."""
     cfg = attn.config
     n, d = cfg.segment_len, cfg.head_dim
@@ -46,20 +80,21 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
     wq = attn.q_proj.weight.view(cfg.n_heads, d, -1)
     wk = attn.k_proj.weight.view(cfg.n_kv_heads, d, -1)
     wv = attn.v_proj.weight.view(cfg.n_kv_heads, d, -1)
-
-    deltanet = rule.startswith("deltanet")
+    unit_norm, read, write = PAPER_RULES[cfg.memory_rule]
 
     def sigma(t):
         features = t if cfg.memory_features == "signed" else F.elu(t) + 1
-        return features / features.norm(dim=-1, keepdim=True) if deltanet else features
+        return features / features.norm(dim=-1, keepdim=True) if unit_norm else features
 
-    def write_strength(k, kv):  # β_t from the raw key; 1 without the write gate
-        if not cfg.memory_write_gate:
-            return 1.0
-        logit = k @ attn.write_weight[kv] + attn.write_bias[kv]
-        if cfg.write_gate_activation == "clamp":
-            return logit.clamp(0, 1)
-        return torch.sigmoid(logit)
+    def write_strength(kv):  # β_t from the raw key; 1 without the write gate
+        def strength(k):
+            if not cfg.memory_write_gate:
+                return 1.0
+            logit = k @ attn.write_weight[kv] + attn.write_bias[kv]
+            if cfg.write_gate_activation == "clamp":
+                return logit.clamp(0, 1)
+            return torch.sigmoid(logit)
+        return strength
 
     def rope(t, first=0):  # t [L, d]; positions restart at 0 in every segment
         half = d // 2
@@ -85,28 +120,17 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor, rule: str) -> to
                 scores = rope(q) @ rope(k_seen, -w).T / math.sqrt(d)
                 causal = torch.ones(n, w + n).tril(w).bool()
                 local = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v_seen
-                empty = norm.abs().sum() == 0  # first segment: retrieval defined as 0
-                if deltanet:
-                    mem = sigma(q) @ memory
-                elif empty:
-                    mem = torch.zeros(n, d)
-                else:
-                    mem = sigma(q) @ memory / (sigma(q) @ norm)[:, None]
+                mem = read(sigma(q), memory, norm)  # retrieve first, from the memory so far
                 out[bi, start:start + n, h] = beta * mem + (1 - beta) * local
-                if deltanet:  # one token at a time
-                    for t in range(n):
-                        key = sigma(k[t:t + 1])
-                        beta_t = write_strength(k[t], kv)
-                        memory = memory + beta_t * key.T @ (v[t:t + 1] - key @ memory)
-                    continue
-                if cfg.memory_rule == "delta" and not empty:
-                    v = v - (sigma(k) @ memory) / (sigma(k) @ norm)[:, None]
-                memory = memory + sigma(k).T @ v
-                norm = norm + sigma(k).sum(0)
+                memory, norm = write(sigma, k, v, memory, norm, write_strength(kv))
     return out.reshape(batch, length, -1) @ attn.o_proj.weight.T
 
 
-RULES = ["linear", "delta", "deltanet", "deltanet-gated", "deltanet-clamp", "deltanet-signed",
+def test_every_registered_memory_rule_has_a_paper_reference() -> None:
+    assert set(PAPER_RULES) == set(memory_rules.RULES)
+
+
+RULES = [*memory_rules.RULES, "deltanet-gated", "deltanet-clamp", "deltanet-signed",
          "delta-overlap", "deltanet-overlap"]
 MODEL_RULES = [*RULES, "deltanet-local0"]
 """Model-level variants: memory_from_layer changes which layers have memory, not one layer."""
@@ -122,7 +146,7 @@ def test_attention_matches_paper_reference(rule: str, kv_heads: int) -> None:
     x = torch.randn(2, 4 * cfg.segment_len, cfg.d_model)
     state = LayerState.empty(2, cfg.n_kv_heads, cfg.head_dim, None, torch.float32)
     ours, _ = attn(x, state)
-    assert torch.allclose(ours, reference_attention(attn, x, rule), atol=1e-5)
+    assert torch.allclose(ours, reference_attention(attn, x), atol=1e-5)
 
 
 def chunked_forward(model, ids, sizes, reset=None):

@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..evaluation.options import human_bytes
-from ..model.config import MEMORY_RULES, ModelConfig
+from ..model.config import ModelConfig
+from ..model.memory import RULES
 
 export_app = typer.Typer(name="export", no_args_is_help=True,
                          help="Export a checkpoint to another format.")
@@ -76,7 +77,7 @@ def import_hf(
         show_default=False)],
     segment_len: Annotated[int, typer.Option(min=1, help="N: tokens per segment.")]
         = ModelConfig.segment_len,
-    rule: Annotated[str, typer.Option(help=f"Memory rule: {', '.join(MEMORY_RULES)}.")]
+    rule: Annotated[str, typer.Option(help=f"Memory rule: {', '.join(RULES)}.")]
         = ModelConfig.memory_rule,
     gate_init: Annotated[float, typer.Option(
         help="Initial β of every head: sigmoid(-6) ≈ 0.0025 keeps the Llama's local attention "

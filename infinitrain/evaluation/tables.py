@@ -7,6 +7,7 @@ import math
 from rich.markup import escape
 from rich.table import Table
 
+from ..model.memory import rule_named
 from .booksum import BookSumResult
 from .gates import GateReport
 from .harness import Metric
@@ -96,6 +97,7 @@ def needle_trace_table(result: NeedleTraceResult) -> Table:
     """Per layer, at 0, 1, 4, 16, … segments after the needle's: how much of it the memory holds,
     how big the memory is and how much one more segment of filler still changes it."""
     n = result.segment_len
+    uses_z = rule_named(result.memory_rule).reads_norm
     table = Table(title=f"Needle trace in memory ({result.memory_rule} rule, "
                         f"{format_tokens(result.length)} tokens, depth {result.depth:g}, "
                         f"{len(result.samples)} keys; mean over kv heads)",
@@ -103,11 +105,10 @@ def needle_trace_table(result: NeedleTraceResult) -> Table:
                           "(tokens: as many tokens); trace = "
                           "‖M_with − M_without‖/‖M_with‖ (max head: the largest kv head's); "
                           "change = ‖M_s − M_s−1‖/‖M_s‖"
-                          + ("; ‖z‖: — as deltanet does not read z" if result.memory_rule
-                             == "deltanet" else ""))
+                          + ("" if uses_z else f"; ‖z‖: — as {result.memory_rule} does not "
+                             "read z"))
     for name in ("after", "tokens", "layer", "trace", "max head", "‖M‖", "‖z‖", "change"):
         table.add_column(name, justify="right")
-    uses_z = result.memory_rule != "deltanet"
     for point in result.points():
         table.add_section()
         for layer in range(result.n_layers):

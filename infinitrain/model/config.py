@@ -1,6 +1,7 @@
 """Model configuration and presets.
 
-Torch-free on purpose: the Hugging Face export copies this file next to the modeling code.
+Torch-free at import on purpose (the Hugging Face export's configuration class imports it); only
+checking a configuration looks up the memory rules, which are torch code.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-MEMORY_RULES = ("linear", "delta", "deltanet")
 MEMORY_FEATURES = ("elu", "signed")
 WRITE_GATE_ACTIVATIONS = ("sigmoid", "clamp")
 
@@ -39,9 +39,9 @@ class ModelConfig:
     a question, key or answer that a boundary cuts be read whole (docs/memory-length.md §14).
     Segments whose context a reset hides (a new document) use SDPA with a mask, not flash-attn."""
     memory_rule: str = "delta"
-    """'linear' (M += σ(K)ᵀV) or 'delta' (M += σ(K)ᵀ(V − retrieved)), the paper's rules; or
-    'deltanet', a length-robust variant (unit-norm features, unnormalised read, token-sequential
-    delta rule; see model/memory.py)."""
+    """A registered rule of model/memory.py: 'linear' (M += σ(K)ᵀV) or 'delta'
+    (M += σ(K)ᵀ(V − retrieved)), the paper's; or 'deltanet', a length-robust variant (unit-norm
+    features, unnormalised read, token-sequential delta rule)."""
     memory_from_layer: int = 0
     """First layer with compressive memory; the layers below attend locally only. Layer 0's
     queries, keys and values each see one token, so its memory can hold token statistics (a bag
@@ -49,13 +49,14 @@ class ModelConfig:
     with length (docs/memory-length.md §9). The paper gives every layer memory: 0."""
     memory_features: str = "elu"
     """Feature map of queries and keys into memory: 'elu', the paper's σ(x) = ELU(x) + 1; or
-    'signed' ('deltanet' only), x / ‖x‖ as in DeltaNet: signed, so a needle's key can be orthogonal
-    to every filler key and survive their writes, where positive features always overlap. (On the
-    tiny passkey model it trained more slowly and retrieved less: docs/memory-length.md §10.)"""
+    'signed' (rules that do not read z: 'deltanet'), x / ‖x‖ as in DeltaNet: signed, so a
+    needle's key can be orthogonal to every filler key and survive their writes, where positive
+    features always overlap. (On the tiny passkey model it trained more slowly and retrieved less:
+    docs/memory-length.md §10.)"""
     memory_write_gate: bool = False
-    """'deltanet' only: each token writes with a learned strength β_t from x_t = k_t·w + b per
-    key/value head (DeltaNet's β; see write_gate_activation), so filler can write weakly or not
-    at all and leave older facts in place."""
+    """Rules that take a write strength ('deltanet'): each token writes with a learned strength
+    β_t from x_t = k_t·w + b per key/value head (DeltaNet's β; see write_gate_activation), so
+    filler can write weakly or not at all and leave older facts in place."""
     write_gate_activation: str = "sigmoid"
     """How the write gate's logit x_t = k_t·w + b becomes β_t: 'sigmoid' (DeltaNet's), or 'clamp',
     clamp(x_t, 0, 1): exactly 0 below zero, so a token the gate closes writes nothing however long
@@ -100,23 +101,28 @@ class ModelConfig:
                 f"model.n_kv_heads = {self.n_kv_heads}: must divide model.n_heads = {self.n_heads} "
                 "(each key/value head, and its memory, serves a whole group of query heads)"
             )
-        if self.memory_rule not in MEMORY_RULES:
+        from .memory import RULES
+
+        rule = RULES.get(self.memory_rule)
+        if rule is None:
             raise ConfigError(f"model.memory_rule = {self.memory_rule!r}: must be one of "
-                              f"{', '.join(MEMORY_RULES)}")
+                              f"{', '.join(RULES)}")
         if not 0 <= self.memory_from_layer < self.n_layers:
             raise ConfigError(f"model.memory_from_layer = {self.memory_from_layer!r}: must be in "
                               f"[0, n_layers = {self.n_layers}) so that some layer has memory")
         if self.memory_features not in MEMORY_FEATURES:
             raise ConfigError(f"model.memory_features = {self.memory_features!r}: must be one of "
                               f"{', '.join(MEMORY_FEATURES)}")
-        if self.memory_features == "signed" and self.memory_rule != "deltanet":
-            raise ConfigError(f"model.memory_features = 'signed' needs model.memory_rule = "
-                              f"'deltanet', not {self.memory_rule!r}: the paper's read divides by "
-                              "σ(q)·z, which only positive features keep above zero")
-        if self.memory_write_gate and self.memory_rule != "deltanet":
-            raise ConfigError(f"model.memory_write_gate = true needs model.memory_rule = "
-                              f"'deltanet', not {self.memory_rule!r}: the paper's rules write "
-                              "every token at full strength")
+        if self.memory_features == "signed" and rule.reads_norm:
+            raise ConfigError(f"model.memory_features = 'signed' needs a memory rule that does "
+                              f"not read z ({_rules_where(RULES, 'reads_norm', False)}), not "
+                              f"{self.memory_rule!r}: its read divides by σ(q)·z, which only "
+                              "positive features keep above zero")
+        if self.memory_write_gate and not rule.takes_write_strength:
+            raise ConfigError(f"model.memory_write_gate = true needs a memory rule that takes a "
+                              f"write strength ({_rules_where(RULES, 'takes_write_strength', True)}"
+                              f"), not {self.memory_rule!r}: it writes every token at full "
+                              "strength")
         if self.write_gate_activation not in WRITE_GATE_ACTIVATIONS:
             raise ConfigError(f"model.write_gate_activation = {self.write_gate_activation!r}: must "
                               f"be one of {', '.join(WRITE_GATE_ACTIVATIONS)}")
@@ -193,3 +199,8 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"model.preset = {name!r}: unknown; choose one of {', '.join(PRESETS)}")
     return PRESETS[name].with_updates(**overrides)
+
+
+def _rules_where(rules: dict[str, Any], attribute: str, value: bool) -> str:
+    """The names of the rules whose ``attribute`` is ``value``, for error messages."""
+    return ", ".join(name for name, rule in rules.items() if getattr(rule, attribute) == value)

@@ -76,8 +76,8 @@ class InfiniTransformer(nn.Module):
         reset: bool [B, segments starting in this chunk]; True empties that stream's memory
         before the segment (a new document begins). use_memory=False is the memory-disabled
         baseline: every layer uses local attention alone, and the memory is neither read nor
-        written (the state's M and z stay as they were). logits_to_keep: 0 for all positions, else the
-        last n only (prefilling 1M tokens needs no 128K-vocabulary logits per token).
+        written (the state's M and z stay as they were). logits_to_keep: 0 for all positions,
+        else the last n only (prefilling 1M tokens needs no 128K-vocabulary logits per token).
         """
         hidden, state = self.hidden_states(input_ids, state, reset, use_memory)
         if logits_to_keep:

@@ -6,6 +6,7 @@ One count serves the trainer's logged TFLOP/s and MFU and ``benchmarks/gpu.py``.
 from __future__ import annotations
 
 from ..model import ModelConfig
+from ..model.memory import rule_named
 
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     # Dense bf16 tensor-core rates from NVIDIA's datasheets (the "with sparsity" figure halved).
@@ -35,13 +36,10 @@ def forward_flops_per_token(config: ModelConfig) -> dict[str, int]:
                 N tokens; a query sees (N + 1)/2 keys on average, and QKᵀ and AV each cost
                 2 · d_head per key and head. (The full-square convention, 4 · N · d_head · H_q,
                 counts the masked half too and would inflate MFU by the attention share.)
-    memory    = memory layers · per-rule matmul terms, with d_k = d_v = d_head:
-                retrieve  σ(Q)M for every query head: H_q · 2·d_k·d_v, and σ(Q)z: H_q · 2·d_k
-                          (``deltanet`` reads unnormalised: no σ(Q)z);
-                update    σ(K)ᵀV: H_kv · 2·d_k·d_v, z += Σσ(K): H_kv · d_k;
-                ``delta`` σ(K)M and σ(K)z, the retrieval it subtracts: H_kv · (2·d_k·d_v + 2·d_k);
-                ``deltanet`` σ(K)M_0: H_kv · 2·d_k·d_v, the full σ(K)σ(K)ᵀ as computed:
-                          H_kv · 2·N·d_k, and the unit-triangular solve: H_kv · (N − 1)·d_v.
+    memory    = memory layers · the rule's matmul terms (``MemoryRule.flops_per_token`` in
+                model/memory.py, with d_k = d_v = d_head), e.g. the paper's linear rule:
+                σ(Q)M and σ(Q)z for every query head, H_q · (2·d_k·d_v + 2·d_k), then
+                σ(K)ᵀV and z += Σσ(K) for every key/value head, H_kv · (2·d_k·d_v + d_k).
 
     Element-wise work (norms, RoPE, softmax, feature maps, gates) is not counted: it moves bytes
     rather than doing matmul work, as in every MFU convention.
@@ -51,14 +49,8 @@ def forward_flops_per_token(config: ModelConfig) -> dict[str, int]:
     per_layer = 2 * d * h_q * dh + 2 * d * h_kv * dh + 3 * d * config.ffn_dim
     dense = 2 * (config.n_layers * per_layer + d * v)
     attention = config.n_layers * 2 * h_q * dh * (n + 1)
-    retrieve = h_q * 2 * dh * dh + (0 if config.memory_rule == "deltanet" else h_q * 2 * dh)
-    update = h_kv * (2 * dh * dh + dh)
-    if config.memory_rule == "delta":
-        update += h_kv * (2 * dh * dh + 2 * dh)
-    elif config.memory_rule == "deltanet":
-        update += h_kv * (2 * dh * dh + 2 * n * dh + (n - 1) * dh)
-    return {"dense": dense, "attention": attention,
-            "memory": config.memory_layers * (retrieve + update)}
+    memory = rule_named(config.memory_rule).flops_per_token(h_q, h_kv, dh, n)
+    return {"dense": dense, "attention": attention, "memory": config.memory_layers * memory}
 
 
 def flops_per_token(config: ModelConfig, memory: bool = True) -> int:
