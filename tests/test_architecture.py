@@ -105,7 +105,8 @@ def test_no_import_cycles():
 
 
 DOCS = sorted([REPO / "README.md", REPO / "CHANGELOG.md", *REPO.glob("docs/*.md"),
-               *REPO.glob("data/**/README.md"), *REPO.glob("benchmarks/*.md")])
+               *REPO.glob("data/**/README.md"), *REPO.glob("benchmarks/*.md"),
+               *REPO.glob("experiments/*.md")])
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 

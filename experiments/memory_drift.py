@@ -1,9 +1,10 @@
 """Reproduces docs/memory-length.md §9: does the memory's drift, not the needle's loss, break
-passkey retrieval at length? Two checks on a trained model (a run directory or model directory).
+passkey retrieval at length? Three checks on a trained model (a run directory or model directory).
 
-    python docs/memory_drift.py freeze MODEL --length 4000 --depth 0.97 --freeze 256:3700 --layers 0
-    python docs/memory_drift.py keys MODEL
-    python docs/memory_drift.py writes MODEL --length 1000 --depth 0.5
+    python experiments/memory_drift.py freeze MODEL --length 4000 --depth 0.97 \
+        --freeze 256:3700 --layers 0
+    python experiments/memory_drift.py keys MODEL
+    python experiments/memory_drift.py writes MODEL --length 1000 --depth 0.5
 
 ``freeze`` streams Landmark passkey prompts segment by segment and, between the two token counts
 of ``--freeze``, puts the memory of ``--layers`` back to its state at the first count after every
