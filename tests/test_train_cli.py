@@ -227,7 +227,7 @@ def test_windows_without_supervised_tokens_leave_the_weights_alone(tmp_path):
     assert not torch.equal(weights[2]["embed_tokens.weight"], weights[3]["embed_tokens.weight"])
     memories = [streams(checkpoint(run, step))[0]["layers.0.memory"] for step in (1, 2, 3)]
     assert not torch.equal(memories[0], memories[1]) and not torch.equal(memories[1], memories[2])
-    assert sorted(losses(run)) == [3]  # only the answer window has a loss (steps log from 0)
+    assert sorted(losses(run)) == [4]  # only the answer window (logged at its step, 4) has one
 
 
 def test_finetune_starts_from_the_init_weights(straight_run, tmp_path):
@@ -311,8 +311,8 @@ def test_the_write_gate_trains_from_its_step_and_the_penalty_closes_writes(tmp_p
     trained(run, "--max-steps", "20", overrides=[*SMALL, *gate])
     steps, (cost,) = TrainingLog.read(run).points("write_cost")
     cost = dict(zip(steps, cost, strict=True))
-    assert all(cost[step] == 1.0 for step in range(6)), cost
-    assert cost[19] < 0.2, cost
+    assert all(cost[step] == 1.0 for step in range(1, 7)), cost  # logged at steps done: 1, 2…
+    assert cost[20] < 0.2, cost
 
 
 def test_the_write_gate_waits_for_the_loss_and_a_resumed_run_remembers_it(tmp_path):
@@ -324,8 +324,8 @@ def test_the_write_gate_waits_for_the_loss_and_a_resumed_run_remembers_it(tmp_pa
             "optim.write_penalty=1.0", "optim.write_gate_below_loss=8.0"]
     straight = tmp_path / "straight"
     trained(straight, "--max-steps", "20", overrides=gate)
-    steps, (cost,) = TrainingLog.read(straight).points("write_cost")
-    start = next(step for step, value in zip(steps, cost, strict=True) if value < 1.0) - 1
+    _, (cost,) = TrainingLog.read(straight).points("write_cost")
+    start = next(index for index, value in enumerate(cost) if value < 1.0) - 1
     assert 7 <= start <= 15, cost  # the loss starts near 8.3
     assert all(value == 1.0 for value in cost[:start + 1]) and cost[-1] < 0.5, cost
     stopped = tmp_path / "stopped"

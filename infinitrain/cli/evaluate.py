@@ -16,7 +16,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,6 +26,7 @@ from rich.progress import (
 )
 
 from ..evaluation.options import human_bytes
+from .output import fail
 
 stdout = Console()
 stderr = Console(stderr=True, soft_wrap=True)
@@ -66,8 +66,7 @@ def reported(option: str | None = None) -> Iterator[None]:
         yield
     except (UsageError, ValueError, OSError) as error:
         message = str(error) if option is None else f"{option} {error}"
-        stderr.print(f"[bold red]Error:[/] {escape(message)}", highlight=False)  # "[x]" is text
-        raise typer.Exit(2) from None
+        fail(message)
 
 
 def _device(name: str):

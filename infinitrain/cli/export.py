@@ -18,6 +18,7 @@ from rich.table import Table
 from ..evaluation.options import human_bytes
 from ..model.config import ModelConfig
 from ..model.memory import RULES
+from .output import fail
 
 export_app = typer.Typer(name="export", no_args_is_help=True,
                          help="Export a checkpoint to another format.")
@@ -32,9 +33,7 @@ def reported() -> Iterator[None]:
     try:
         yield
     except (ValueError, OSError) as error:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {error}",
-                                                   highlight=False)
-        raise typer.Exit(2) from None
+        fail(str(error))
 
 
 @export_app.command("hf")

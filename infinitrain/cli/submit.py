@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from ..slurm import SIGNAL_SECONDS
+from .output import fail
 from .train import OutDirOption, RecipeOption, SetOption, _overrides
 
 stdout = Console(soft_wrap=True, highlight=False)
@@ -33,8 +34,7 @@ def reported() -> Iterator[None]:
     try:
         yield
     except (RecipeError, SubmitError) as error:
-        stderr.print(f"[bold red]Error:[/] {error}")
-        raise typer.Exit(2) from None
+        fail(str(error))
 
 
 def submit(

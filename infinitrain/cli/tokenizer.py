@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .output import fail
+
 tokenizer_app = typer.Typer(name="tokenizer", no_args_is_help=True,
                             help="Train tokenizers for the models.")
 
@@ -34,8 +36,7 @@ def train(
             tokenizer = train_tokenizer(files, vocab_size, out, text_field=text_field)
             sample = next(read_texts(files[:1], text_field))[:200_000]
     except (FileNotFoundError, TokenizerError) as error:
-        Console(stderr=True).print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(str(error))
     table = Table(title=f"Tokenizer written to {out}")
     table.add_column("property")
     table.add_column("value", justify="right")

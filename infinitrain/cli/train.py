@@ -14,13 +14,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.syntax import Syntax
+from rich.markup import escape
 from rich.table import Table
 
-from ..evaluation.options import human_bytes
+from ..evaluation.options import human_bytes, human_count
+from .output import fail, print_yaml
 
 stdout = Console()
-stderr = Console(stderr=True)
 
 recipes_app = typer.Typer(name="recipes", no_args_is_help=True, help="Shipped training recipes.")
 
@@ -69,8 +69,7 @@ def reported() -> Iterator[None]:
         yield
     except (RecipeError, ConfigError, DataSourceError, TokenizerError, ModelDirError,
             ResumeError, RunLockError, NonFiniteError, CheckpointWriteError) as error:
-        stderr.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(str(error))
 
 
 def _overrides(sets: list[str] | None, **options: object) -> list[str]:
@@ -83,6 +82,8 @@ def _overrides(sets: list[str] | None, **options: object) -> list[str]:
 
 def _run(recipe_ref: str, overrides: list[str], resume: str | None, max_steps: int | None,
          dry_run: bool, need_init: bool, apply_optim_changes: bool) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
     from ..recipe import RecipeError, dump_recipe, load_recipe
     from ..training.run import summarize, train
     from ..training.strategy import check_host_memory
@@ -108,13 +109,42 @@ def _run(recipe_ref: str, overrides: list[str], resume: str | None, max_steps: i
         if dry_run:
             summary = summarize(recipe)
             check_host_memory(recipe, summary.parameters)
-            stdout.print(Syntax(dump_recipe(recipe), "yaml", theme="ansi_dark", word_wrap=True))
+            print_yaml(dump_recipe(recipe))
             _print_summary(name, recipe, summary, out_dir)
             return
-        last = train(recipe, name, out_dir, resume=resume, stop_at=max_steps,
-                     apply_optim_changes=apply_optim_changes)
-    if last is not None:
-        stdout.print(f"[bold green]Checkpoint:[/] {last}")
+        result = train(recipe, name, out_dir, resume=resume, stop_at=max_steps,
+                       apply_optim_changes=apply_optim_changes)
+    if rank_zero_only.rank == 0:
+        _print_result(result, recipe, out_dir)
+
+
+EVALUATIONS = {"passkey": "eval passkey --model {run} --lengths 1k,4k --samples 10",
+               "booksum": "eval booksum --model {run} --data data/booksum-sample",
+               "text": "eval perplexity --model {run} --data data/pg19-sample"}
+"""Source kind → the evaluation the final summary suggests for a run trained on it."""
+
+
+def next_commands(recipe, out_dir: Path) -> list[str]:
+    """What to run after training: the task's evaluation, then the Hugging Face export."""
+    kind = recipe.data.sources[0].kind
+    return [f"infinitrain {EVALUATIONS[kind].format(run=out_dir)}",
+            f"infinitrain export hf {out_dir} hf/{out_dir.name}"]
+
+
+def _print_result(result, recipe, out_dir: Path) -> None:
+    """The final summary: time, steps, tokens, losses, the checkpoint and what to run next."""
+    minutes, seconds = divmod(round(result.seconds), 60)
+    losses = "" if result.final_loss is None else \
+        f"; loss {result.final_loss:.4f} (best {result.best_loss:.4f})"
+    stdout.print(f"[bold green]Done:[/] steps {result.start_step:,} → {result.end_step:,} in "
+                 f"{minutes} min {seconds:02d} s, {result.tokens:,} tokens{losses}",
+                 highlight=False)
+    if result.checkpoint is None:
+        return
+    stdout.print(f"[bold green]Checkpoint:[/] {escape(str(result.checkpoint))}", highlight=False)
+    stdout.print("Next:", highlight=False)
+    for command in next_commands(recipe, out_dir):
+        stdout.print(f"  {command}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_summary(name, recipe, summary, out_dir: Path) -> None:
@@ -123,9 +153,10 @@ def _print_summary(name, recipe, summary, out_dir: Path) -> None:
     table.add_column("value", justify="right")
     streams = summary.streams_per_device
     memory = summary.memory_state_bytes_per_stream
-    table.add_row("parameters", f"{summary.parameters:,} ({summary.parameters / 1e9:.2f}B)")
+    table.add_row("parameters", f"{summary.parameters:,} ({human_count(summary.parameters)})")
     table.add_row("memory state per stream (M, z; fp32)", human_bytes(memory))
-    table.add_row(f"memory state per device ({streams} streams)", human_bytes(memory * streams))
+    table.add_row(f"memory state per device ({streams} stream{'s' * (streams != 1)})",
+                  human_bytes(memory * streams))
     table.add_row("window per stream", f"{recipe.data.window_tokens:,} tokens = "
                   f"{recipe.data.window_tokens // recipe.model_config.segment_len} segments × "
                   f"{recipe.model_config.segment_len}")
@@ -192,7 +223,7 @@ def list_recipes() -> None:
     from ..recipe import shipped_recipes
     from ..recipe.loading import parse_yaml
 
-    table = Table(title="Recipes (infinitrain recipes show NAME)")
+    table = Table(title="Recipes (infinitrain recipes show|copy NAME)")
     table.add_column("name")
     table.add_column("description")
     for name, text in shipped_recipes().items():
@@ -212,7 +243,28 @@ def show_recipe(
 
     with reported():
         text = dump_recipe(load_recipe(name)[1]) if resolved else recipe_text(name)[1]
-    stdout.print(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
+    print_yaml(text)
+
+
+@recipes_app.command("copy")
+def copy_recipe(
+    name: Annotated[str, typer.Argument(help="Recipe name or YAML file.", show_default=False)],
+    path: Annotated[Path, typer.Argument(help="New YAML file to write.", show_default=False)],
+) -> None:
+    """Write a recipe, comments included, to a new file to edit and run with --recipe PATH."""
+    from ..recipe.loading import recipe_text
+
+    with reported():
+        text = recipe_text(name)[1]
+    try:
+        with path.open("x", encoding="utf-8") as file:  # "x": never overwrite the user's file
+            file.write(text)
+    except FileExistsError:
+        fail(f"{path}: already exists; choose another path or remove it first")
+    except OSError as error:
+        fail(f"{path}: cannot write ({error.strerror})")
+    stdout.print(f"Wrote {path}: edit it, then train with --recipe {path}", markup=False,
+                 highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -64,6 +64,14 @@ def format_tokens(count: int) -> str:
     return str(count)
 
 
+def human_count(n: float) -> str:
+    """918152 -> '918K', 1235814400 -> '1.24B': parameter counts at a glance, never '0.00B'."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{int(n)}"
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB': sizes as tables print them."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -2,8 +2,9 @@
 
 Each invocation of ``infinitrain train`` writes ``<run>/logs/csv/from-step-XXXXXXXX/metrics.csv``
 (see ``loggers`` in training/run.py), so a run preempted and resumed twice has three files. A
-resume restarts from a checkpoint, so whatever an earlier file logged from that step on was redone
-(or lost) by the later one: the later file wins from the step it starts at.
+resume restarts from a checkpoint, so whatever an earlier file logged after that step was redone
+(or lost) by the later one: the later file wins after the step it starts at (a row's step counts
+the optimizer steps done, so the checkpoint's own step belongs to the earlier file).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class TrainingLog:
                 "out_dir of a run trained with logging.csv: true (the default), not a checkpoint")
         merged: dict[int, dict[str, float]] = {}
         for start, folder in folders:
-            merged = {step: values for step, values in merged.items() if step < start}
+            merged = {step: values for step, values in merged.items() if step <= start}
             merged |= _read_file(folder / "metrics.csv")
         files = [folder / "metrics.csv" for _, folder in folders]
         if not any(math.isfinite(values.get("loss", math.nan)) for values in merged.values()):

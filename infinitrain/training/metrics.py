@@ -53,10 +53,13 @@ def gate_statistics(gates: Tensor) -> dict[str, float]:
 
 
 class TrainingMetrics(Callback):
-    """Logs throughput, MFU, peak memory, grad norm and gate statistics every ``every`` steps."""
+    """Logs throughput, tokens seen, MFU, peak memory, grad norm and gate statistics every
+    ``every`` steps."""
 
-    def __init__(self, config: ModelConfig, every: int, precision: str) -> None:
+    def __init__(self, config: ModelConfig, every: int, precision: str,
+                 tokens_per_step: int) -> None:
         self.flops_per_token = flops_per_token(config)
+        self.tokens_per_step = tokens_per_step
         self.every = every
         self.precision = precision
         self.peak_flops: float | None = None
@@ -79,12 +82,16 @@ class TrainingMetrics(Callback):
                            batch: Window, batch_idx: int) -> None:
         self.tokens += batch.num_tokens
         step = trainer.global_step
+        # Every logger's x-axis: optimizer steps done, as the progress and checkpoint names count
+        # (Lightning's default is the steps done before this one, one less).
+        module.log("step", float(step))
         if step % self.every or step == self.logged_step:
             return
         elapsed = time.perf_counter() - self.started
         per_device = self.tokens / elapsed
         flops = per_device * self.flops_per_token
         metrics = {"tokens_per_s": per_device * trainer.world_size,
+                   "tokens_seen": float(step * self.tokens_per_step),  # over every invocation
                    "tokens_per_s_per_device": per_device, "tflops_per_device": flops / 1e12,
                    "peak_memory_gb": peak_memory_bytes(module.device) / 2**30}
         if self.peak_flops:

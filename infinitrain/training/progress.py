@@ -3,9 +3,15 @@ logs, CI), both counting optimizer steps towards where this invocation stops."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_module
 
 SHOWN = {"loss": ("loss", "{:.4f}"), "lr": ("lr", "{:.2e}"), "tokens_per_s": ("tok/s", "{:,.0f}")}
 """Metric → (label, format) of the plain progress line."""
@@ -51,3 +57,51 @@ class TextProgress(Callback):
             self.printed_step = step
             rank_zero_info(f"step {step}/{trainer.max_steps}  "
                            f"{format_metrics(trainer.progress_bar_metrics)}")
+
+
+LIGHTNING_NOISE = ("GPU available:", "TPU available:", "💡 Tip:", "`Trainer.fit` stopped:",
+                   "Restoring states from the checkpoint", "Restored all states")
+"""Lightning's rank-zero info lines that a run replaces with its own start banner and final
+summary (the `Trainer.fit` one would also land on the progress bar's line)."""
+
+
+def drop_lightning_noise(record: logging.LogRecord) -> bool:
+    """A logging filter: False for the lines of LIGHTNING_NOISE."""
+    return not str(record.msg).startswith(LIGHTNING_NOISE)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Filter LIGHTNING_NOISE out of Lightning's rank-zero logger while a run lasts."""
+    rank_zero_module.log.addFilter(drop_lightning_noise)
+    try:
+        yield
+    finally:
+        rank_zero_module.log.removeFilter(drop_lightning_noise)
+
+
+class RunTotals(Callback):
+    """What the final summary reports: time, steps, last and best logged loss."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.start_step = 0
+        self.end_step = 0
+        self.final_loss: float | None = None
+        self.best_loss: float | None = None
+
+    def on_train_start(self, trainer: Trainer, module: LightningModule) -> None:
+        self.start_step = self.end_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        self.end_step = trainer.global_step
+        loss = trainer.callback_metrics.get("loss")
+        if loss is not None:
+            self.final_loss = float(loss)
+            self.best_loss = self.final_loss if self.best_loss is None else \
+                min(self.best_loss, self.final_loss)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started

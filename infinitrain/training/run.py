@@ -12,14 +12,16 @@ import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from ..data import Tokenizer, load_tokenizer
+from ..evaluation.options import human_bytes, human_count
 from ..evaluation.training_log import CSV_NAME, LOG_DIR, csv_version
 from ..inference.loading import resolve_model_path
 from ..model import InfiniTransformer, ModelConfig
 from ..model_dir import tokenizer_path
 from ..recipe import LoggingSection, Recipe, RecipeError, parse_recipe
+from ..recipe.typed import to_plain
 from .checkpoint import (
     RECIPE_FILE,
     TRAINER_STATE,
@@ -32,7 +34,7 @@ from .data import StreamData, check_sources
 from .flops import flops_per_token
 from .metrics import TrainingMetrics
 from .module import StreamingLM
-from .progress import StepProgressBar, TextProgress
+from .progress import RunTotals, StepProgressBar, TextProgress, quiet_lightning
 from .run_lock import run_lock
 from .saving import CheckpointWriter
 from .strategy import Plan, check_host_memory, plan
@@ -48,6 +50,21 @@ class RunSummary:
     streams_per_device: int
     tokens_per_step: int
     training_flops_per_token: float
+
+
+@dataclass
+class TrainResult:
+    """What one invocation did, for the final summary."""
+
+    checkpoint: Path | None
+    """The newest checkpoint in the run directory."""
+    seconds: float
+    start_step: int
+    end_step: int
+    tokens: int
+    """Tokens read by this invocation, all devices together."""
+    final_loss: float | None
+    best_loss: float | None
 
 
 def meta_model(config: ModelConfig) -> InfiniTransformer:
@@ -182,16 +199,37 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # A window without supervised tokens steps the schedule without an optimizer update.
     warnings.filterwarnings("ignore", r".*lr_scheduler.step\(\)` before `optimizer.step\(\)`.*")
+    # A run started outside srun on a machine that has it (a login node, a workstation).
+    warnings.filterwarnings("ignore", ".*The `srun` command is available on your system.*")
     # Lightning 2.6 on torch 2.13 (lightning/pytorch/utilities/_pytree.py).
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
+def start_banner(recipe: Recipe, name: str, run_plan: Plan, out_dir: Path, start_step: int,
+                 stop_at: int) -> str:
+    """Our one look at the run before it starts, instead of Lightning's device lines and model
+    summary (whose FLOPs column reads 0 for this model)."""
+    summary = summarize(recipe)
+    device = "GPU" if run_plan.accelerator == "gpu" else "CPU process"
+    start = f"resuming at step {start_step:,}" if start_step else "from step 0"
+    return "\n".join((
+        f"{name}: {human_count(summary.parameters)} parameters; memory state "
+        f"{human_bytes(summary.memory_state_bytes_per_stream)} per stream × "
+        f"{recipe.data.streams} per device",
+        f"devices: {run_plan.world_size} × {device} ({run_plan.kind}, {run_plan.precision})",
+        f"steps: {start} to {stop_at:,} (schedule {recipe.train.max_steps:,}), "
+        f"{summary.tokens_per_step:,} tokens each",
+        f"run directory: {out_dir}"))
+
+
 def build_trainer(recipe: Recipe, name: str, run_plan: Plan, out_dir: Path, start_step: int,
-                  stop_at: int, tokenizer: Tokenizer) -> Trainer:
+                  stop_at: int, tokenizer: Tokenizer, totals: RunTotals) -> Trainer:
     every = recipe.logging.every_steps
     interactive = sys.stdout.isatty()
     callbacks = [CheckpointWriter(out_dir, recipe, tokenizer, run_plan.kind),
-                 TrainingMetrics(recipe.model_config, every, recipe.train.precision),
+                 TrainingMetrics(recipe.model_config, every, recipe.train.precision,
+                                 recipe.tokens_per_step),
+                 totals,
                  StepProgressBar() if interactive else TextProgress(every)]
     return Trainer(
         accelerator=run_plan.accelerator, devices=run_plan.devices,
@@ -200,6 +238,7 @@ def build_trainer(recipe: Recipe, name: str, run_plan: Plan, out_dir: Path, star
         gradient_clip_val=run_plan.gradient_clip_val,
         logger=loggers(recipe.logging, out_dir, name, start_step), callbacks=callbacks,
         enable_checkpointing=False, enable_progress_bar=interactive, log_every_n_steps=every,
+        enable_model_summary=False,
         default_root_dir=out_dir, plugins=cluster_plugins(), use_distributed_sampler=False,
     )
 
@@ -211,8 +250,8 @@ def owning(out_dir: Path) -> contextlib.AbstractContextManager:
 
 
 def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
-          stop_at: int | None = None, apply_optim_changes: bool = False) -> Path | None:
-    """Train until ``stop_at`` (default: the recipe's max_steps) and return the last checkpoint;
+          stop_at: int | None = None, apply_optim_changes: bool = False) -> TrainResult:
+    """Train until ``stop_at`` (default: the recipe's max_steps) and say what was done;
     ``apply_optim_changes``: a resume gives the restored optimizer the recipe's optim values."""
     seed_everything(recipe.train.seed, workers=True, verbose=False)
     quiet_known_warnings()
@@ -234,11 +273,20 @@ def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
                 rank_zero_warn(notice)
         init = None if resume_from is not None or recipe.model.init is None else \
             check_init(recipe.model.init, recipe.model_config)
-        trainer = build_trainer(recipe, name, run_plan, out_dir, start_step,
-                                stop_at or recipe.train.max_steps, tokenizer)
+        stop_at = stop_at or recipe.train.max_steps
+        totals = RunTotals()
         module = StreamingLM(recipe, init=init, resume_from=resume_from,
                              apply_optim_changes=apply_optim_changes)
-        trainer.fit(module, datamodule=StreamData(recipe, tokenizer, resume_from),
-                    ckpt_path=None if resume_from is None else resume_from / TRAINER_STATE,
-                    weights_only=True)
-        return newest_checkpoint(out_dir)
+        with quiet_lightning():
+            trainer = build_trainer(recipe, name, run_plan, out_dir, start_step, stop_at,
+                                    tokenizer, totals)
+            for logger in trainer.loggers:  # hparams.yaml, TensorBoard's and W&B's run config
+                logger.log_hyperparams(to_plain(recipe))
+            rank_zero_info(start_banner(recipe, name, run_plan, out_dir, start_step, stop_at))
+            trainer.fit(module, datamodule=StreamData(recipe, tokenizer, resume_from),
+                        ckpt_path=None if resume_from is None else resume_from / TRAINER_STATE,
+                        weights_only=True)
+        return TrainResult(newest_checkpoint(out_dir), totals.seconds, totals.start_step,
+                           totals.end_step,
+                           (totals.end_step - totals.start_step) * recipe.tokens_per_step,
+                           totals.final_loss, totals.best_loss)
