@@ -250,8 +250,9 @@ def test_passkey_peak_memory_does_not_grow_with_length(workdir):
     short = peak_rss_of_passkey_run(model_dir, "16k", 16)
     long = peak_rss_of_passkey_run(model_dir, "256k", 16)
     assert long <= 1.10 * short, (short, long)
-    # The measurement does see growth: one window over a whole 32K prompt (no streaming).
-    unstreamed = peak_rss_of_passkey_run(model_dir, "32k", 32 * 1024 // 64)
+    # The measurement does see growth: one window over a whole 64K prompt (no streaming). Its
+    # activations (~0.2 GiB) stand out against the ~0.5 GiB the imports alone take.
+    unstreamed = peak_rss_of_passkey_run(model_dir, "64k", 64 * 1024 // 64)
     assert unstreamed > 1.25 * short, (short, unstreamed)
 
 
