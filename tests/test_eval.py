@@ -319,10 +319,12 @@ def test_booksum_command_reads_books_and_scores_with_rouge(workdir):
                           "--max-input-tokens", "2k", "--max-new-tokens", "12", "--max-books",
                           "2", "--json", out)
     assert code == 0 and "BookSum ROUGE" in stdout
+    assert "Sense and" in stdout and "#0" not in stdout  # books by name (wrapped at 80 columns)
     report = json.loads(out.read_text())
     assert report["settings"]["temperature"] == 0.5 and report["settings"]["top_p"] == 0.95
     books = report["results"]["books"]
-    assert len(books) == 2
+    assert [book["title"] for book in books] == ["Sense and Sensibility.chapter 1",
+                                                 "Pride and Prejudice.chapter 1"]
     for book in books:
         assert book["prompt_tokens"] <= 2048 and 1 <= book["summary_tokens"] <= 12
         assert book["book_tokens"] - book["dropped_tokens"] < book["prompt_tokens"]

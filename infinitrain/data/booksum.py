@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 LAYOUTS = {"kmfoda/booksum": ("chapter", "summary_text"),
            "ubaada/booksum-complete-cleaned": ("text", "summary")}
 """(book column, summary column) of the known BookSum datasets."""
+TITLE_COLUMNS = ("title", "book_id")
+"""Where a row names its book: ubaada's ``title``, kmfoda's ``book_id`` ("Emma.chapter 1")."""
 SUMMARY_PROMPT = "\n\nSummarize the text above.\nSummary:\n"
 """Separator between the book and its summary; generation starts right after it."""
 
@@ -55,6 +57,8 @@ class BookSumExample:
     """Book length in tokens before truncation."""
     dropped_tokens: int
     """Book tokens removed to fit max_input_tokens (0: the whole book is in the prompt)."""
+    title: str = ""
+    """The book's (or chapter's) name where the row gives one, for tables and reports."""
 
     def to_document(self, eos_id: int) -> Document:
         """The prompt read unsupervised, then the summary and EOS supervised."""
@@ -107,7 +111,8 @@ class BookSumBuilder:
         head = (self.budget + 1) // 2
         return book[:head] + book[len(book) - (self.budget - head):]
 
-    def example(self, book: str, references: list[str]) -> BookSumExample | Skipped:
+    def example(self, book: str, references: list[str],
+                title: str = "") -> BookSumExample | Skipped:
         """The example for one book, or why there is none (no summary, book below min_tokens)."""
         if not references:
             return Skipped("a row has no summary")
@@ -128,7 +133,7 @@ class BookSumBuilder:
                             dropped)
         prompt = torch.tensor([self.tokenizer.bos_id, *kept, *self.prompt], dtype=torch.long)
         return BookSumExample(prompt, self.tokenizer.encode(references[0]), references,
-                              len(book_ids), dropped)
+                              len(book_ids), dropped, title)
 
 
 def _examples(config: SourceConfig,
@@ -136,13 +141,18 @@ def _examples(config: SourceConfig,
     """The source's rows and the function turning one row into an example."""
     rows = load_rows(config)
     book_field, summary_field = booksum_fields(config, rows.column_names)
-    rows = check_columns(rows, [book_field, summary_field], config.label)
+    title_field = next((name for name in TITLE_COLUMNS if name in (rows.column_names or [])),
+                       None)
+    rows = check_columns(rows, [book_field, summary_field, *filter(None, [title_field])],
+                         config.label)
     builder = BookSumBuilder(tokenizer, config.max_input_tokens, config.truncate,
                              config.min_tokens, config.label)
 
     def convert(row: Row) -> BookSumExample | Skipped:
         references = summaries(column_value(row, summary_field, config.label))
-        return builder.example(column_value(row, book_field, config.label) or "", references)
+        title = "" if title_field is None else str(row.get(title_field) or "")
+        return builder.example(column_value(row, book_field, config.label) or "", references,
+                               title)
     return rows, convert
 
 

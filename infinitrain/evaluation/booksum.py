@@ -38,6 +38,8 @@ class BookSumSettings:
 
 @dataclass
 class BookSummary:
+    title: str
+    """The book's name where its row gives one ('' otherwise)."""
     prompt_tokens: int
     book_tokens: int
     dropped_tokens: int
@@ -74,7 +76,7 @@ def evaluate_booksum(model: InfiniTransformer, tokenizer: Tokenizer,
         out = generate(model, example.prompt_ids, None, config, on_progress)
         summary = tokenizer.decode(out.tokens).strip()
         result.books.append(BookSummary(
-            prompt_tokens=out.prompt_tokens, book_tokens=example.book_tokens,
+            title=example.title, prompt_tokens=out.prompt_tokens, book_tokens=example.book_tokens,
             dropped_tokens=example.dropped_tokens, summary=summary,
             references=example.references, summary_tokens=len(out.tokens),
             rouge=rouge([summary], [example.references]),

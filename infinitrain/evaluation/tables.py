@@ -60,7 +60,8 @@ def booksum_table(result: BookSumResult) -> Table:
         return (f"{r.rouge1:.1f}", f"{r.rouge2:.1f}", f"{r.rougeL:.1f}", f"{r.overall:.1f}")
 
     for i, book in enumerate(result.books):
-        table.add_row(f"#{i}", f"{book.book_tokens:,}", f"{book.dropped_tokens:,}",
+        table.add_row(escape(book.title) or f"#{i}", f"{book.book_tokens:,}",
+                      f"{book.dropped_tokens:,}",
                       str(book.summary_tokens), *scores(book.rouge))
     table.add_section()
     table.add_row("[bold]all[/]", f"{sum(b.book_tokens for b in result.books):,}",
