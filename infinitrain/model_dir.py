@@ -11,6 +11,7 @@ so ``--model`` of every evaluation command accepts a checkpoint directory as it 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -40,10 +41,25 @@ def save_model_dir(model: InfiniTransformer, out_dir: str | Path,
     if model.config.tie_embeddings:
         weights.pop("lm_head.weight", None)
     save_file(weights, str(out / WEIGHTS_FILE))
+    match_umask(out / WEIGHTS_FILE)
     target = out / TOKENIZER_DIR
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != target.resolve():
         shutil.copytree(tokenizer_dir, target, dirs_exist_ok=True)
     return out
+
+
+def current_umask() -> int:
+    """The process's umask: reading it means setting it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def match_umask(path: Path) -> None:
+    """Give ``path`` the mode ``open()`` would have given it: safetensors writes through a private
+    temporary file (0600), leaving the weights unreadable to the group or a serving account while
+    every other file beside them is readable."""
+    path.chmod(0o666 & ~current_umask())
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

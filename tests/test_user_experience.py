@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, one_line_error
+from helpers import REPO, one_line_error, write_run
 from typer.testing import CliRunner
 
 from infinitrain.cli import app
@@ -141,3 +143,63 @@ def test_dry_run_counts_read_naturally():
     assert result.exit_code == 0, result.output
     assert "(918K)" in result.output and "0.00B" not in result.output
     assert "(1 stream)" in result.output
+
+
+def test_eval_in_a_log_prints_plain_progress_lines(tmp_path: Path):
+    """Rich draws no bar into a file: a SLURM log showed nothing for the whole evaluation."""
+    write_run(tmp_path / "run")
+    book = tmp_path / "book.txt"
+    book.write_text("It is a truth universally acknowledged. " * 200)
+    done = subprocess.run(
+        [str(INFINITRAIN), "eval", "perplexity", "--model", str(tmp_path / "run"), "--data",
+         str(book), "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("scoring:")]
+    assert re.fullmatch(r"scoring: 100%  ([\d,]+)/\1 tokens  [\d,]+ tokens/s  ETA 0:00:00", line)
+    assert "━" not in done.stderr
+
+
+def test_weights_are_as_readable_as_the_files_beside_them(tmp_path: Path):
+    """safetensors wrote weights and states 0600 through a temporary file, every other file
+    was 0644."""
+    step = write_run(tmp_path / "run")
+    exported = tmp_path / "hf"
+    result = invoke("export", "hf", str(step), str(exported))
+    assert result.exit_code == 0, result.output
+    state, document = tmp_path / "doc.state", tmp_path / "doc.txt"  # written the same way
+    document.write_text("It is a truth universally acknowledged.")
+    result = invoke("generate", "--model", str(step), "--file", str(document),
+                    "--save-state", str(state), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    for weights in (step / "model.safetensors", exported / "model.safetensors", state):
+        beside = weights.with_name("written-by-open")
+        with open(beside, "w"):
+            pass
+        assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE(beside.stat().st_mode)
+
+
+def test_generate_counts_one_token_in_the_singular(tmp_path: Path):
+    """It reported "1 prompt tokens" and "1 new tokens"."""
+    write_run(tmp_path / "run")
+    result = invoke("generate", "--model", str(tmp_path / "run"), "--prompt", "",
+                    "--max-new-tokens", "1", "--device", "cpu")  # the prompt is BOS alone
+    assert result.exit_code == 0, result.output
+    assert "1 prompt token at" in result.stderr and "1 new token at" in result.stderr
+
+
+def test_a_state_loads_without_a_false_warning_from_another_directory(tmp_path: Path,
+                                                                      monkeypatch):
+    """The state stored the model's path as given ("run"), which elsewhere named another model."""
+    write_run(tmp_path / "run")
+    (tmp_path / "doc.txt").write_text("It is a truth universally acknowledged. " * 20)
+    monkeypatch.chdir(tmp_path)
+    saved = invoke("generate", "--model", "run", "--file", "doc.txt", "--save-state",
+                   "doc.state", "--device", "cpu")
+    assert saved.exit_code == 0, saved.output
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = invoke("generate", "--model", "../run", "--state", "../doc.state", "--prompt", "Who?",
+                    "--max-new-tokens", "1", "--device", "cpu")
+    assert loaded.exit_code == 0, loaded.output
+    assert "memory state ../doc.state" in loaded.stderr and "Warning" not in loaded.stderr

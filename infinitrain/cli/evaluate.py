@@ -1,9 +1,9 @@
 """`infinitrain eval passkey|perplexity|booksum|harness`, `generate` and
 `inspect gates|training|needle-trace`.
 
-Commands parse and check their options, load the model, call the evaluation code with a progress
-bar, print rich tables and write JSON/PNG where asked. User mistakes end in one ``Error:`` line that
-names the option and the value, never a traceback.
+Commands parse and check their options, load the model, call the evaluation code showing its
+progress (`progress.py`), print rich tables and write JSON/PNG where asked. User mistakes end in
+one ``Error:`` line that names the option and the value, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,17 +16,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from ..evaluation.options import human_bytes
-from .output import fail
+from .output import counted, fail
+from .progress import progress
 
 stdout = Console()
 stderr = Console(stderr=True, soft_wrap=True)
@@ -119,12 +112,6 @@ def _load(path: Path, device: str, dtype: str, need_tokenizer: bool = True):
     return loaded, tokenizer
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TextColumn("tokens"), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=stderr, transient=True)
-
-
 def _written(kind: str, path: Path) -> None:
     stderr.print(f"{kind} written to [bold]{path}[/]")
 
@@ -181,7 +168,9 @@ def generate(
         with reported("--state"):
             saved = load_state(state, config, weight.device, weight.dtype)
         memory, tokens_read = saved.state, saved.tokens_read
-        stderr.print(f"memory state {state}: {tokens_read:,} tokens read ({saved.source})")
+        stderr.print(f"memory state {state}: {counted(tokens_read, 'token')} read "
+                     f"({saved.source})")
+        # resolve(): older files hold the path as given, relative to where they were saved
         if saved.model and Path(saved.model).resolve() != loaded.path.resolve():
             stderr.print(f"[yellow]Warning:[/] {state} was saved by {saved.model}, not "
                          f"{loaded.path}; answers are only meaningful with the same weights")
@@ -198,17 +187,15 @@ def generate(
                 raise UsageError(f"{file}: empty file")
         context = tokenizer.encode(text, bos=memory is None)
     if save_state is not None:
-        with _progress() as progress:
-            task = progress.add_task(f"reading {file.name}", total=len(context))
+        with progress(stderr, f"reading {file.name}", len(context)) as advance:
             _, memory = prefill(loaded.model, torch.tensor([context], device=weight.device),
                                 memory, window_segments=window_segments,
-                                use_memory=not no_memory,
-                                on_progress=lambda n: progress.advance(task, n))
+                                use_memory=not no_memory, on_progress=advance)
         tokens_read += len(context)
         save_state_to(save_state, memory, config, tokens_read, source=str(file),
-                      model=str(loaded.path))
-        stderr.print(f"read {len(context):,} tokens of {file}; memory state of "
-                     f"{human_bytes(memory.nbytes())} after {tokens_read:,} tokens")
+                      model=str(loaded.path.resolve()))
+        stderr.print(f"read {counted(len(context), 'token')} of {file}; memory state of "
+                     f"{human_bytes(memory.nbytes())} after {counted(tokens_read, 'token')}")
         _written("memory state", save_state)
         if prompt is None:
             return
@@ -219,14 +206,12 @@ def generate(
     if not prompt_ids:
         with reported("--prompt"):
             raise UsageError("'': empty prompt")
-    with _progress() as progress:
-        task = progress.add_task("reading", total=len(prompt_ids))
-        out = run_generation(loaded.model, prompt_ids, memory, settings,
-                             on_progress=lambda n: progress.advance(task, n))
+    with progress(stderr, "reading", len(prompt_ids)) as advance:
+        out = run_generation(loaded.model, prompt_ids, memory, settings, on_progress=advance)
     stdout.print(tokenizer.decode(out.tokens), highlight=False, markup=False)
-    stderr.print(f"{out.prompt_tokens:,} prompt tokens at "
+    stderr.print(f"{counted(out.prompt_tokens, 'prompt token')} at "
                  f"{out.prompt_tokens / max(out.prefill_seconds, 1e-9):,.0f} tokens/s; "
-                 f"{len(out.tokens)} new tokens at "
+                 f"{counted(len(out.tokens), 'new token')} at "
                  f"{len(out.tokens) / max(out.decode_seconds, 1e-9):,.1f} tokens/s"
                  f"{' (stopped at EOS)' if out.stopped_at_eos else ''}")
 
@@ -335,11 +320,10 @@ def needle_trace(
         prompts.sample(tokens, depth, seed=0)
     with reported("--depth"):
         checked_sample(prompts, tokens, depth, 0, segment_len)
-    with _progress() as progress:
-        task = progress.add_task("needle and twin", total=tokens * samples)
-        with reported("--depth"):  # another key's needle may be a token longer
-            result = run_trace(loaded.model, tokenizer, tokens, depth, samples, seed,
-                               on_progress=lambda n: progress.advance(task, n))
+    # reported: another key's needle may be a token longer
+    with progress(stderr, "needle and twin", tokens * samples) as advance, reported("--depth"):
+        result = run_trace(loaded.model, tokenizer, tokens, depth, samples, seed,
+                           on_progress=advance)
     stdout.print(needle_trace_table(result))
     if plot is not None:
         def lines(values: list[list[float]]) -> dict[str, tuple[list[int], list[float]]]:
@@ -421,11 +405,10 @@ def perplexity(
             raise UsageError(f"{data}: no document with at least {max(min_tokens, 1)} tokens")
     named = [(f"#{i}", doc) for i, doc in enumerate(documents)]
     total = sum(len(doc) for doc in documents) * (2 if compare_no_memory else 1)
-    with _progress() as progress:
-        task = progress.add_task("scoring", total=total)
+    with progress(stderr, "scoring", total) as advance:
         results = evaluate_perplexity(loaded.model, named, window_segments=window_segments,
                                       compare_no_memory=compare_no_memory,
-                                      on_progress=lambda n: progress.advance(task, n))
+                                      on_progress=advance)
     for table in perplexity_tables(results, loaded.model.config.segment_len):
         stdout.print(table)
     if plot is not None:
@@ -492,10 +475,9 @@ def passkey(
         PasskeyGenerator(tokenizer).check_length(settings.lengths[0])
     added = length_offsets(settings, loaded.model.config.segment_len)
     total = sum(n + a for n in settings.lengths for a in added) * len(settings.depths) * samples
-    with _progress() as progress:
-        task = progress.add_task("passkey prompts", total=total)
+    with progress(stderr, "passkey prompts", total) as advance:
         result = evaluate_passkey(loaded.model, tokenizer, settings,
-                                  on_progress=lambda n: progress.advance(task, n))
+                                  on_progress=advance)
     stdout.print(passkey_table(result))
     if plot is not None:
         heatmap([[result.accuracy(n, d) for n in settings.lengths] for d in settings.depths],
@@ -572,10 +554,9 @@ def booksum(
         if not examples:
             raise UsageError(f"{data}: no book with a summary")
     total = sum(len(e.prompt_ids) for e in examples)
-    with _progress() as progress:
-        task = progress.add_task(f"summarising {len(examples)} books", total=total)
+    with progress(stderr, f"summarising {len(examples)} books", total) as advance:
         result = evaluate_booksum(loaded.model, tokenizer, examples, settings,
-                                  on_progress=lambda n: progress.advance(task, n))
+                                  on_progress=advance)
     stdout.print(booksum_table(result))
     if json_path is not None:
         write_json(json_path, "eval booksum", loaded,

@@ -23,6 +23,11 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 token``, ``2 tokens``: a count with its noun in the right number."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 def print_yaml(text: str) -> None:
     """YAML highlighted in a terminal, verbatim otherwise: piped or redirected output must parse
     back to the same document, and rich would wrap its long lines at 80 columns."""

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..evaluation.options import human_bytes, human_count
-from .output import fail, print_yaml
+from .output import counted, fail, print_yaml
 
 stdout = Console()
 
@@ -155,7 +155,7 @@ def _print_summary(name, recipe, summary, out_dir: Path) -> None:
     memory = summary.memory_state_bytes_per_stream
     table.add_row("parameters", f"{summary.parameters:,} ({human_count(summary.parameters)})")
     table.add_row("memory state per stream (M, z; fp32)", human_bytes(memory))
-    table.add_row(f"memory state per device ({streams} stream{'s' * (streams != 1)})",
+    table.add_row(f"memory state per device ({counted(streams, 'stream')})",
                   human_bytes(memory * streams))
     table.add_row("window per stream", f"{recipe.data.window_tokens:,} tokens = "
                   f"{recipe.data.window_tokens // recipe.model_config.segment_len} segments × "

@@ -26,7 +26,7 @@ import torch
 
 from .. import model as core_package
 from ..model import InfiniTransformer, ModelConfig
-from ..model_dir import load_model_dir, tokenizer_path
+from ..model_dir import load_model_dir, match_umask, tokenizer_path
 from .files import check_new_dir, checked_tokenizer, copy_tokenizer_files
 from .model_card import model_card
 
@@ -119,3 +119,5 @@ def _write_weights(out: Path, model: InfiniTransformer, dtype: torch.dtype,
         del weights[WEIGHT_PREFIX + "lm_head.weight"]  # transformers re-ties it on load
     save_torch_state_dict(weights, out, max_shard_size=max_shard_size,
                           metadata={"format": "pt"})
+    for shard in out.glob("model*.safetensors"):
+        match_umask(shard)

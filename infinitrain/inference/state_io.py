@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..model import InfiniState, ModelConfig
+from ..model_dir import match_umask
 
 FORMAT = "infinitrain-state/1"
 
@@ -33,7 +34,8 @@ class SavedState:
     source: str
     """What was read (e.g. the document's path)."""
     model: str
-    """The model (e.g. checkpoint path) that read it: same config, other weights reads garbage."""
+    """The model (e.g. a checkpoint's absolute path, so that it compares from any working
+    directory) that read it: same config, other weights reads garbage."""
 
 
 def config_fingerprint(config: ModelConfig) -> str:
@@ -58,6 +60,7 @@ def save_state(path: str | Path, state: InfiniState, config: ModelConfig, tokens
         "model": model,
     }
     save_file(state.to("cpu").state_dict(), str(path), metadata=metadata)
+    match_umask(path)
     return path
 
 

@@ -42,6 +42,7 @@ from ..integrity import (
     read_manifest_json,
 )
 from ..model import InfiniState
+from ..model_dir import match_umask
 
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
@@ -153,6 +154,7 @@ def save_rank_streams(directory: Path, rank: int, state: InfiniState,
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state.to("cpu").state_dict(), str(path),
               metadata={"rank": str(rank), "position": json.dumps(position)})
+    match_umask(path)
 
 
 def load_rank_streams(directory: Path, rank: int) -> tuple[InfiniState, dict[str, Any]]:
