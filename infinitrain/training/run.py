@@ -205,11 +205,10 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
-def start_banner(recipe: Recipe, name: str, run_plan: Plan, out_dir: Path, start_step: int,
-                 stop_at: int) -> str:
+def start_banner(recipe: Recipe, summary: RunSummary, name: str, run_plan: Plan, out_dir: Path,
+                 start_step: int, stop_at: int) -> str:
     """Our one look at the run before it starts, instead of Lightning's device lines and model
     summary (whose FLOPs column reads 0 for this model)."""
-    summary = summarize(recipe)
     device = "GPU" if run_plan.accelerator == "gpu" else "CPU process"
     start = f"resuming at step {start_step:,}" if start_step else "from step 0"
     return "\n".join((
@@ -255,12 +254,12 @@ def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
     ``apply_optim_changes``: a resume gives the restored optimizer the recipe's optim values."""
     seed_everything(recipe.train.seed, workers=True, verbose=False)
     quiet_known_warnings()
-    parameters = summarize(recipe).parameters
-    check_host_memory(recipe, parameters)
+    summary = summarize(recipe)
+    check_host_memory(recipe, summary.parameters)
     with owning(out_dir):
         tokenizer = resolve_tokenizer(recipe)
         check_sources(recipe, tokenizer)
-        run_plan = plan(recipe, parameters)
+        run_plan = plan(recipe, summary.parameters)
         resume_from = checkpoint_to_resume(resume, out_dir)
         start_step = 0
         if resume_from is not None:
@@ -282,7 +281,8 @@ def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
                                     tokenizer, totals)
             for logger in trainer.loggers:  # hparams.yaml, TensorBoard's and W&B's run config
                 logger.log_hyperparams(to_plain(recipe))
-            rank_zero_info(start_banner(recipe, name, run_plan, out_dir, start_step, stop_at))
+            rank_zero_info(start_banner(recipe, summary, name, run_plan, out_dir, start_step,
+                                        stop_at))
             trainer.fit(module, datamodule=StreamData(recipe, tokenizer, resume_from),
                         ckpt_path=None if resume_from is None else resume_from / TRAINER_STATE,
                         weights_only=True)
