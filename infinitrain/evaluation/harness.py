@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..export import export_hf
-from ..export.hf import CONFIG_FILE, MODEL_TYPE
+from ..export.hf import export_config
 from ..inference.loading import resolve_model_path
 
 if TYPE_CHECKING:
@@ -105,12 +105,6 @@ def _indexed(index: dict[str, Any], names: Sequence[str]) -> bool:
     return True
 
 
-def is_export(path: Path) -> bool:
-    """Whether ``path`` is an ``infinitrain export hf`` directory."""
-    config = path / CONFIG_FILE
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
-
-
 @contextlib.contextmanager
 def hf_export(model_path: str | Path, dtype: torch.dtype = torch.float32) -> Iterator[Path]:
     """The Hugging Face directory of ``model_path``: the path itself when it is an export, else a
@@ -120,7 +114,7 @@ def hf_export(model_path: str | Path, dtype: torch.dtype = torch.float32) -> Ite
     the same weights once loaded), float32 otherwise.
     """
     path = resolve_model_path(model_path)
-    if is_export(path):
+    if export_config(path) is not None:
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="infinitrain-harness-") as scratch:

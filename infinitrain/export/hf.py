@@ -121,3 +121,13 @@ def _write_weights(out: Path, model: InfiniTransformer, dtype: torch.dtype,
                           metadata={"format": "pt"})
     for shard in out.glob("model*.safetensors"):
         match_umask(shard)
+
+
+def export_config(path: Path) -> dict | None:
+    """The ``config.json`` values of an ``infinitrain export hf`` directory, or None when ``path``
+    is not one."""
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        return None
+    values = json.loads(config_file.read_text())
+    return values if values.get("model_type") == MODEL_TYPE else None

@@ -97,9 +97,12 @@ class InfiniCache:
         counts = real.sum(1) if real is not None else input_ids.new_full((batch,), length)
         if not self.groups:
             self.groups = [RowGroup(torch.arange(batch, device=input_ids.device), 0, None)]
+        def zeros() -> Tensor:
+            return model.embed_tokens.weight.new_zeros(batch, length, model.config.d_model)
+
         hidden = None  # one unpadded group: its output, uncopied
         if real is not None or len(self.groups) > 1:
-            hidden = model.embed_tokens.weight.new_zeros(batch, length, model.config.d_model)
+            hidden = zeros()
         groups = []
         for group in self.groups:
             group_counts = counts[group.rows]
@@ -120,9 +123,7 @@ class InfiniCache:
                 groups.append(RowGroup(rows, group.read + count, state))
         self.groups = _merged(groups)
         self.seen_tokens += length
-        if hidden is None:  # no tokens at all
-            hidden = model.embed_tokens.weight.new_zeros(batch, length, model.config.d_model)
-        return hidden
+        return zeros() if hidden is None else hidden  # None: no tokens at all
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         """Follow beam search's choice of surviving beams: new row j continues old row

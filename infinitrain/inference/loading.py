@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..export.hf import CONFIG_FILE as EXPORT_CONFIG_FILE
-from ..export.hf import MODEL_TYPE, WEIGHT_PREFIX, WEIGHTS_FILE, WEIGHTS_INDEX
+from ..export.hf import WEIGHT_PREFIX, WEIGHTS_FILE, WEIGHTS_INDEX, export_config
 from ..model import InfiniTransformer, ModelConfig
 from ..model_dir import CONFIG_FILE, ModelDirError, load_model_dir, tokenizer_path
 
@@ -47,11 +46,8 @@ def load_exported(path: Path, device: torch.device,
                   dtype: torch.dtype) -> LoadedModel | None:
     """An ``infinitrain export hf`` directory as the core model, or None when ``path`` is not
     one. No transformers and no remote code involved."""
-    config_file = path / EXPORT_CONFIG_FILE
-    if not config_file.is_file():
-        return None
-    values = json.loads(config_file.read_text())
-    if values.get("model_type") != MODEL_TYPE:
+    values = export_config(path)
+    if values is None:
         return None
     names = {field.name for field in fields(ModelConfig)}
     core = {name: value for name, value in values.items() if name in names}
