@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import itertools
+import math
 import os
 import re
 import stat
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import REPO, one_line_error, write_run
 from typer.testing import CliRunner
@@ -23,6 +26,8 @@ INFINITRAIN = Path(sys.executable).with_name("infinitrain")
 SMALL = ["model.d_model=64", "model.ffn_dim=128", "model.segment_len=32", "data.window_tokens=64",
          "data.streams=2", "optim.warmup_steps=2", "logging.every_steps=2",
          "checkpoint.every_steps=3"]
+VALIDATION = ("data.validation={sources: [{files: [data/pg19-sample/*.parquet]}], "
+              "every_steps: 2, windows: 2}")
 STEPS = 6
 TOKENS_PER_STEP = 64 * 2
 
@@ -83,7 +88,7 @@ def run(tmp_path_factory) -> tuple[Path, str]:
     """(run directory, stdout and stderr) of a tiny pretraining run in a child process, whose
     output is not a terminal: what a SLURM log or CI shows."""
     out_dir = tmp_path_factory.mktemp("ux") / "run"
-    args = [arg for override in SMALL for arg in ("--set", override)]
+    args = [arg for override in [*SMALL, VALIDATION] for arg in ("--set", override)]
     done = subprocess.run(
         [str(INFINITRAIN), "pretrain", "--recipe", "tiny", "--out-dir", str(out_dir),
          "--max-steps", str(STEPS), *args], cwd=REPO, capture_output=True, text=True,
@@ -131,11 +136,74 @@ def test_tokens_seen_are_logged(run):
 
 
 def test_the_resolved_recipe_is_logged_as_hyperparameters(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
     out_dir, _ = run
-    recipe = load_recipe("tiny", [*SMALL, f"checkpoint.out_dir={out_dir}"])[1]
+    recipe = load_recipe("tiny", [*SMALL, VALIDATION, f"checkpoint.out_dir={out_dir}"])[1]
     for logger in ("csv/from-step-00000000", "tensorboard"):
         logged = yaml.safe_load((out_dir / "logs" / logger / "hparams.yaml").read_text())
         assert parse_recipe(logged) == recipe
+    # TensorBoard's HPARAMS tab: the recipe's values, and the metrics it shows them against
+    events = EventAccumulator(str(out_dir / "logs" / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/experiment"]).experiment
+    assert [info.name.tag for info in experiment.metric_infos] == ["loss", "val_loss"]
+    session = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["optim/lr"].number_value == recipe.optim.lr
+    assert session.hparams["data/sources/0/files/0"].string_value == "data/books/austen.jsonl.gz"
+    assert session.hparams["model/init"].string_value == "null"
+
+
+def test_held_out_loss_is_logged_and_summarised(run):
+    """Every data.validation.every_steps steps, to every logger, the bar and the summary; it is
+    the loss of the checkpoint's weights on the validation windows, memory carried between them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from infinitrain.data import IGNORE_INDEX, build_streams, load_tokenizer
+    from infinitrain.inference.loading import load_model
+
+    out_dir, output = run
+    rows = [row for row in csv_rows(out_dir) if row.get("val_loss")]
+    assert [int(row["step"]) for row in rows] == [2, 4, 6]
+    losses = [float(row["val_loss"]) for row in rows]
+    assert losses[-1] < losses[0]  # the model learns
+    loss = losses[-1]
+    assert float(rows[-1]["val_perplexity"]) == pytest.approx(math.exp(loss), rel=1e-5)
+    events = EventAccumulator(str(out_dir / "logs" / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("val_loss")] == [2, 4, 6]
+    assert events.Scalars("val_loss")[-1].value == pytest.approx(loss, rel=1e-6)
+    assert "val loss" in next(line for line in output.splitlines() if line.startswith("step 6/"))
+    done = next(line for line in output.splitlines() if line.startswith("Done:"))
+    assert f"held-out loss {loss:.4f} at step 6" in done
+
+    # the same number from the final weights, computed here with the full logits
+    recipe = load_recipe("tiny", [*SMALL, VALIDATION])[1]
+    model = load_model(out_dir / f"step-{STEPS:08d}").model.eval()
+    config = recipe.data.stream_config(recipe.model_config.segment_len, recipe.train.seed, 1)
+    streams = build_streams(recipe.data.validation.sources, config,
+                            load_tokenizer(REPO / "data" / "tokenizer"))
+    state, total, count = None, 0.0, 0
+    with torch.no_grad():
+        for window in itertools.islice(streams, 2):
+            logits, state = model(window.input_ids, state, window.reset)
+            total += torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), window.labels.flatten(), ignore_index=IGNORE_INDEX,
+                reduction="sum").item()
+            count += int((window.labels != IGNORE_INDEX).sum())
+    assert loss == pytest.approx(total / count, rel=1e-4)
+
+
+def test_validation_every_steps_must_meet_the_logging_interval():
+    result = invoke("pretrain", "--recipe", "tiny", "--dry-run", "--set",
+                    "data.validation={sources: [{files: [data/books/kjv.jsonl.gz]}], "
+                    "every_steps: 15}")
+    one_line_error(result, "data.validation.every_steps = 15: must be a multiple of "
+                           "logging.every_steps = 10")
 
 
 def test_dry_run_counts_read_naturally():
@@ -203,3 +271,14 @@ def test_a_state_loads_without_a_false_warning_from_another_directory(tmp_path: 
                     "--max-new-tokens", "1", "--device", "cpu")
     assert loaded.exit_code == 0, loaded.output
     assert "memory state ../doc.state" in loaded.stderr and "Warning" not in loaded.stderr
+
+
+def test_a_resume_may_change_the_validation_set_but_not_the_training_data(tmp_path: Path):
+    from infinitrain.training.checkpoint import ResumeError
+    from infinitrain.training.run import check_same_streams
+
+    saved = load_recipe("tiny", SMALL)[1]
+    check_same_streams(load_recipe("tiny", [*SMALL, VALIDATION])[1], saved, tmp_path)
+    with pytest.raises(ResumeError, match="data differ"):
+        check_same_streams(load_recipe("tiny", [*SMALL, VALIDATION, "data.mode=concat"])[1],
+                           saved, tmp_path)

@@ -136,9 +136,12 @@ def _print_result(result, recipe, out_dir: Path) -> None:
     minutes, seconds = divmod(round(result.seconds), 60)
     losses = "" if result.final_loss is None else \
         f"; loss {result.final_loss:.4f} (best {result.best_loss:.4f})"
+    if result.validation is not None:
+        step, loss = result.validation
+        losses += f"; held-out loss {loss:.4f} at step {step:,}"
     stdout.print(f"[bold green]Done:[/] steps {result.start_step:,} → {result.end_step:,} in "
                  f"{minutes} min {seconds:02d} s, {result.tokens:,} tokens{losses}",
-                 highlight=False)
+                 highlight=False, soft_wrap=True)  # one line in a log too
     if result.checkpoint is None:
         return
     stdout.print(f"[bold green]Checkpoint:[/] {escape(str(result.checkpoint))}", highlight=False)

@@ -10,6 +10,7 @@ from .schema import (
     OptimSection,
     Recipe,
     TrainSection,
+    ValidationSection,
 )
 from .typed import RecipeError
 
@@ -23,6 +24,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "TrainSection",
+    "ValidationSection",
     "dump_recipe",
     "load_recipe",
     "parse_recipe",

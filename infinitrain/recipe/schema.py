@@ -68,6 +68,28 @@ class ModelSection:
 
 
 @dataclass
+class ValidationSection:
+    """Held-out data scored during training: the same windows every time (the streams restart
+    from the run's seed), so the numbers compare across steps and between runs."""
+
+    sources: list[SourceConfig]
+    """Held-out sources, as in data.sources (text the run never trains on)."""
+    every_steps: int = 500
+    """Optimizer steps between evaluations; a multiple of logging.every_steps, the steps at
+    which metrics reach the loggers."""
+    windows: int = 4
+    """Windows per stream scored each time, read in order with carried memory as in training,
+    without gradients: the cost is bounded, whatever the sources hold."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise field_error("data.validation.sources", self.sources, "list at least one source")
+        for name in ("every_steps", "windows"):
+            if getattr(self, name) < 1:
+                raise field_error(f"data.validation.{name}", getattr(self, name), "must be >= 1")
+
+
+@dataclass
 class DataSection:
     """Where the training tokens come from and how they are cut into windows."""
 
@@ -83,6 +105,9 @@ class DataSection:
     mode: Literal["document", "concat"] = "document"
     """document: one document at a time per stream, memory emptied at each new one; concat:
     documents packed back to back with EOS between them (short-document pretraining)."""
+    validation: ValidationSection | None = None
+    """Held-out loss and perplexity every few steps, in the logs and the final summary. Null:
+    none."""
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -283,6 +308,11 @@ class Recipe:
             raise field_error("optim.write_penalty", self.optim.write_penalty,
                               "needs model.memory_write_gate: true (it charges the write gate's "
                               "strength); set that or the penalty to 0")
+        validation = self.data.validation
+        if validation is not None and validation.every_steps % self.logging.every_steps:
+            raise field_error("data.validation.every_steps", validation.every_steps,
+                              f"must be a multiple of logging.every_steps = "
+                              f"{self.logging.every_steps}, the steps whose metrics are logged")
         if self.optim.warmup_steps > self.train.max_steps:
             raise field_error("optim.warmup_steps", self.optim.warmup_steps,
                               f"must be <= train.max_steps = {self.train.max_steps}")
@@ -301,6 +331,10 @@ class Recipe:
         """(field, path) of local files and directories the recipe names that do not exist."""
         named = [(f"data.sources.{i}.files", pattern) for i, source in enumerate(self.data.sources)
                  for pattern in source.files]
+        if self.data.validation is not None:
+            named += [(f"data.validation.sources.{i}.files", pattern)
+                      for i, source in enumerate(self.data.validation.sources)
+                      for pattern in source.files]
         named += [(name, value) for name, value in (("data.tokenizer", self.data.tokenizer),
                                                     ("model.init", self.model.init)) if value]
         return [(name, path) for name, path in named if not _exists(path)]

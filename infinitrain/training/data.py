@@ -45,5 +45,6 @@ class StreamData(LightningDataModule):
 
 def check_sources(recipe: Recipe, tokenizer: Tokenizer) -> None:
     """Open every data source now, so that a missing dataset fails before any process starts."""
-    for source in recipe.data.sources:
+    validation = recipe.data.validation
+    for source in recipe.data.sources + (validation.sources if validation else []):
         build_source(source, tokenizer)

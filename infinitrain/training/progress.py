@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.rank_zero import rank_zero_module
 
-SHOWN = {"loss": ("loss", "{:.4f}"), "lr": ("lr", "{:.2e}"), "tokens_per_s": ("tok/s", "{:,.0f}")}
+SHOWN = {"loss": ("loss", "{:.4f}"), "val_loss": ("val loss", "{:.4f}"), "lr": ("lr", "{:.2e}"),
+         "tokens_per_s": ("tok/s", "{:,.0f}")}
 """Metric → (label, format) of the plain progress line."""
 
 

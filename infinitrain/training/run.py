@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
@@ -38,6 +38,7 @@ from .progress import RunTotals, StepProgressBar, TextProgress, quiet_lightning
 from .run_lock import run_lock
 from .saving import CheckpointWriter
 from .strategy import Plan, check_host_memory, plan
+from .validation import Validation
 from .weights import check_init
 
 
@@ -65,6 +66,8 @@ class TrainResult:
     """Tokens read by this invocation, all devices together."""
     final_loss: float | None
     best_loss: float | None
+    validation: tuple[int, float] | None
+    """(step, held-out loss) of the last evaluation of data.validation."""
 
 
 def meta_model(config: ModelConfig) -> InfiniTransformer:
@@ -122,6 +125,32 @@ def loggers(logging: LoggingSection, out_dir: Path, name: str, start_step: int) 
     return chosen
 
 
+def flat_hyperparameters(value: object, prefix: str = "") -> dict[str, object]:
+    """A plain recipe as TensorBoard's HPARAMS tab takes it: one scalar per leaf, named by its
+    path ('optim/lr', 'data/sources/0/kind'); null as the string 'null'."""
+    if isinstance(value, dict | list):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        return {name: leaf for key, item in items
+                for name, leaf in flat_hyperparameters(item, f"{prefix}{key}/").items()}
+    return {prefix.rstrip("/"): "null" if value is None else value}
+
+
+def log_hyperparameters(loggers: list[Logger], recipe: Recipe) -> None:
+    """The resolved recipe to every logger (hparams.yaml, W&B's run config) and to TensorBoard's
+    HPARAMS tab, which lists a run only with metrics: it names the loss (and the held-out loss),
+    whose values the tab reads from the run's scalars of those names."""
+    plain = to_plain(recipe)
+    for logger in loggers:
+        logger.log_hyperparams(plain)
+        if isinstance(logger, TensorBoardLogger) and rank_zero_only.rank == 0:
+            from torch.utils.tensorboard.summary import hparams
+
+            metrics = ["loss"] + (["val_loss"] if recipe.data.validation else [])
+            writer = logger.experiment._get_file_writer()
+            for summary in hparams(flat_hyperparameters(plain), dict.fromkeys(metrics, 0.0)):
+                writer.add_summary(summary)
+
+
 def checkpoint_to_resume(resume: str | None, out_dir: Path) -> Path | None:
     """The checkpoint to continue from; refuses to start over a run that already has one."""
     if resume is not None:
@@ -176,8 +205,10 @@ def check_same_optimizer(recipe: Recipe, saved: Recipe, checkpoint: Path,
 def check_same_streams(recipe: Recipe, saved: Recipe, checkpoint: Path) -> None:
     """Refuse to resume with data, model or seed other than the checkpoint's: its stream
     positions and memories would not mean the same thing."""
+    # The validation set is read apart from the training streams: it may change on a resume.
     changed = [name for name, before, now in (
-        ("data", saved.data, recipe.data), ("model", saved.model_config, recipe.model_config),
+        ("data", replace(saved.data, validation=None), replace(recipe.data, validation=None)),
+        ("model", saved.model_config, recipe.model_config),
         ("train.seed", saved.train.seed, recipe.train.seed)) if before != now]
     if changed:
         raise ResumeError(f"{checkpoint}: {' and '.join(changed)} differ from the checkpoint's, so "
@@ -222,13 +253,14 @@ def start_banner(recipe: Recipe, summary: RunSummary, name: str, run_plan: Plan,
 
 
 def build_trainer(recipe: Recipe, name: str, run_plan: Plan, out_dir: Path, start_step: int,
-                  stop_at: int, tokenizer: Tokenizer, totals: RunTotals) -> Trainer:
+                  stop_at: int, tokenizer: Tokenizer, observers: list[Callback]) -> Trainer:
+    """``observers``: callbacks whose results the caller reads after the run."""
     every = recipe.logging.every_steps
     interactive = sys.stdout.isatty()
     callbacks = [CheckpointWriter(out_dir, recipe, tokenizer, run_plan.kind),
                  TrainingMetrics(recipe.model_config, every, recipe.train.precision,
                                  recipe.tokens_per_step),
-                 totals,
+                 *observers,
                  StepProgressBar() if interactive else TextProgress(every)]
     return Trainer(
         accelerator=run_plan.accelerator, devices=run_plan.devices,
@@ -274,13 +306,13 @@ def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
             check_init(recipe.model.init, recipe.model_config)
         stop_at = stop_at or recipe.train.max_steps
         totals = RunTotals()
+        validation = None if recipe.data.validation is None else Validation(recipe, tokenizer)
         module = StreamingLM(recipe, init=init, resume_from=resume_from,
                              apply_optim_changes=apply_optim_changes)
         with quiet_lightning():
             trainer = build_trainer(recipe, name, run_plan, out_dir, start_step, stop_at,
-                                    tokenizer, totals)
-            for logger in trainer.loggers:  # hparams.yaml, TensorBoard's and W&B's run config
-                logger.log_hyperparams(to_plain(recipe))
+                                    tokenizer, [totals] + ([validation] if validation else []))
+            log_hyperparameters(trainer.loggers, recipe)
             rank_zero_info(start_banner(recipe, summary, name, run_plan, out_dir, start_step,
                                         stop_at))
             trainer.fit(module, datamodule=StreamData(recipe, tokenizer, resume_from),
@@ -289,4 +321,5 @@ def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
         return TrainResult(newest_checkpoint(out_dir), totals.seconds, totals.start_step,
                            totals.end_step,
                            (totals.end_step - totals.start_step) * recipe.tokens_per_step,
-                           totals.final_loss, totals.best_loss)
+                           totals.final_loss, totals.best_loss,
+                           None if validation is None else validation.last)
