@@ -123,3 +123,51 @@ def test_passkey_lengths_on_a_segment_grid_end_on_boundaries(data_tokenizer):
 def test_too_short_length_is_refused(data_tokenizer):
     with pytest.raises(ValueError, match="passkey length = 40 tokens: too short"):
         PasskeyGenerator(data_tokenizer).sample(40, 0.5, seed=0)
+
+
+def test_key_copy_supervision_marks_the_needles_second_key(data_tokenizer):
+    sample = PasskeyGenerator(data_tokenizer).sample(300, 0.4, seed=5)
+    start, end = sample.key_copy
+    assert data_tokenizer.decode(sample.prompt_ids[start:end]) == f" {sample.key}"
+    assert sample.needle_offset < start < end < sample.needle_offset + sample.needle_len
+    eos = data_tokenizer.eos_id
+    plain, copied = sample.to_document(eos), sample.to_document(eos, supervise_key_copy=True)
+    assert torch.equal(plain.ids, copied.ids)
+    extra = (copied.labels() != -100) & (plain.labels() == -100)
+    # the labels at positions start-1 .. end-2 predict the tokens start .. end-1
+    assert extra.nonzero().flatten().tolist() == list(range(start - 1, end - 1))
+    assert torch.equal(copied.labels()[start - 1:end - 1], sample.prompt_ids[start:end])
+
+
+def test_a_haystack_of_real_text_surrounds_the_needle_and_continues_after_it(data_tokenizer):
+    tok = data_tokenizer
+    book = torch.arange(10, 1010)  # 1000 distinct token ids stand for a book
+    generator = PasskeyGenerator(tok, haystack=book)
+    sample = generator.sample(3000, 0.4, seed=7)  # longer than the book: it repeats
+    prompt = sample.prompt_ids
+    assert len(prompt) == 3000
+    needle = tok.encode(NEEDLE.format(key=sample.key))
+    assert occurrences(prompt, needle) == [sample.needle_offset]
+    head = len(tok.encode(TASK, bos=True)) + len(tok.encode("\n"))
+    newline = len(tok.encode("\n"))
+    before = prompt[head:sample.needle_offset - newline]
+    after_start = sample.needle_offset + sample.needle_len + newline
+    after = prompt[after_start:len(prompt) - len(tok.encode(QUESTION)) - newline]
+    text = torch.cat([before, after])  # one stretch of the endless book, cut by the needle
+    start = int(text[0]) - 10
+    assert torch.equal(text, book.repeat(4)[start:start + len(text)])
+    assert generator.sample(3000, 0.4, seed=8).prompt_ids[head] != prompt[head]  # random start
+    # streamed piece by piece, the same prompt
+    _, pieces = generator.stream(3000, 0.4, seed=7, chunk_tokens=100)
+    assert torch.equal(torch.cat(list(pieces)), prompt)
+
+
+def test_haystack_tokens_join_documents_without_their_special_tokens(data_tokenizer):
+    from infinitrain.data.passkey import haystack_tokens
+
+    tok = data_tokenizer
+    documents = [torch.tensor(tok.encode(text, bos=True, eos=True))
+                 for text in ("It is a truth.", "Universally acknowledged.")]
+    ids = haystack_tokens(documents, tok)
+    assert tok.decode(ids) == "It is a truth.\n\nUniversally acknowledged.\n\n"
+    assert len(haystack_tokens(documents, tok, max_tokens=3)) == 3

@@ -89,6 +89,10 @@ def test_lengths_and_depths_parse():
     (["eval", "passkey", "--model", "{root}/run", "--lengths", "64"], "--lengths"),
     (["eval", "passkey", "--model", "{root}/run", "--key-min", "9", "--key-max", "5"],
      "keys in [9, 5]"),
+    (["eval", "passkey", "--model", "{root}/run", "--haystack", "{root}/book.txt", "--filler",
+      "Hi."], "--haystack and --filler: choose one"),
+    (["eval", "passkey", "--model", "{root}/run", "--haystack", "{root}/nothing.txt"],
+     "--haystack {root}/nothing.txt: no such file"),
     (["eval", "perplexity", "--model", "{root}/run", "--data", "{root}/empty.jsonl"],
      "--data files: {root}/empty.jsonl: empty file"),
     (["eval", "booksum", "--model", "{root}/run", "--data", "{root}/book.txt",
@@ -195,6 +199,36 @@ def test_passkey_command_writes_table_json_and_heatmap(workdir):
         assert stats["tokens_per_second"] > 0 and stats["peak_memory_bytes"] > 0
     assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "offsets.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_passkey_in_a_haystack_of_real_text_or_another_filler(workdir, monkeypatch):
+    """--haystack hides each needle in the file's text, --filler repeats other sentences; the
+    table and the report say which."""
+    book = workdir / "haystack.txt"
+    book.write_text("Emma Woodhouse, handsome, clever, and rich, seemed to unite some of the best "
+                    "blessings of existence. " * 40)
+    prompts = []
+
+    def reads_the_prompt(model, pieces, state, config, on_progress=None):
+        prompts.append(torch.cat(list(pieces)))
+        return Generation(load_tokenizer(TOKENIZER).encode(" 1"), model.empty_state(1),
+                          len(prompts[-1]), False, 1.0, 0.1)
+
+    monkeypatch.setattr("infinitrain.evaluation.passkey.generate", reads_the_prompt)
+    out = workdir / "haystack.json"
+    code, stdout, _ = cli("eval", "passkey", "--model", workdir / "run", "--lengths", "600",
+                          "--depths", "0.5", "--samples", "2", "--haystack", book, "--json", out)
+    assert code == 0
+    assert f"hidden in {book}" in " ".join(stdout.split())
+    assert json.loads(out.read_text())["settings"]["haystack"] == str(book)
+    tokenizer = load_tokenizer(TOKENIZER)
+    for prompt in prompts:
+        text = tokenizer.decode(prompt)
+        assert "handsome, clever" in text and "The grass is green" not in text
+    code, stdout, _ = cli("eval", "passkey", "--model", workdir / "run", "--lengths", "600",
+                          "--depths", "0.5", "--samples", "1", "--filler", "Ships sail at dawn.")
+    assert code == 0 and "other filler" in stdout
+    assert tokenizer.decode(prompts[-1]).count("Ships sail at dawn.") > 20
 
 
 def test_no_memory_baseline_equals_closed_gates(workdir):

@@ -451,6 +451,14 @@ def passkey(
              "position); --samples prompts at each.")] = 1,
     offset_plot: Annotated[Path | None, typer.Option(
         help="Write accuracy against where the prompt ends in its last segment (PNG).")] = None,
+    haystack: Annotated[str | None, typer.Option(
+        help="Hide the needle in real text instead of the filler: a local file, glob or "
+             "directory (txt, jsonl, parquet, …) or a hub dataset name, held out from training; "
+             "read from a random place per prompt, repeated when a prompt is longer.",
+        show_default=False)] = None,
+    filler: Annotated[str | None, typer.Option(
+        help="Other sentences to repeat around the needle instead of Landmark's.",
+        show_default=False)] = None,
     window_segments: WindowOption = 4,
     no_memory: NoMemoryOption = False,
     json_path: JsonOption = None,
@@ -459,7 +467,8 @@ def passkey(
     dtype: DtypeOption = "auto",
 ) -> None:
     """Passkey retrieval (Landmark format, greedy) per length × depth, with bounded memory."""
-    from ..data.passkey import PasskeyGenerator
+    from ..data.passkey import FILLER, PasskeyGenerator, haystack_tokens
+    from ..data.sources import text_source
     from ..evaluation.options import format_tokens, parse_depths, parse_lengths
     from ..evaluation.passkey import PasskeySettings, evaluate_passkey, length_offsets
     from ..evaluation.plots import curves, heatmap
@@ -467,17 +476,28 @@ def passkey(
     from ..evaluation.tables import passkey_table
 
     with reported():
+        if haystack is not None and filler is not None:
+            raise UsageError("--haystack and --filler: choose one (a haystack replaces the filler)")
+        if filler is not None and not filler.strip():
+            raise UsageError("--filler '': give the sentences to repeat")
         settings = PasskeySettings(tuple(parse_lengths(lengths)), tuple(parse_depths(depths)),
                                    samples, seed, window_segments, not no_memory, max_new_tokens,
-                                   key_min, key_max, offsets)
+                                   key_min, key_max, offsets, filler or FILLER, haystack)
     loaded, tokenizer = _load(model, device, dtype)
+    haystack_ids = None
+    if haystack is not None:
+        with reported("--haystack"):
+            source = text_source(_data_source(haystack, "test", None, None, 0), tokenizer)
+            haystack_ids = haystack_tokens((document.ids for document in source), tokenizer)
+            if len(haystack_ids) == 0:
+                raise UsageError(f"--haystack {haystack}: holds no text")
     with reported("--lengths"):  # the shortest must hold the task, needle and question
         PasskeyGenerator(tokenizer).check_length(settings.lengths[0])
     added = length_offsets(settings, loaded.model.config.segment_len)
     total = sum(n + a for n in settings.lengths for a in added) * len(settings.depths) * samples
     with progress(stderr, "passkey prompts", total) as advance:
         result = evaluate_passkey(loaded.model, tokenizer, settings,
-                                  on_progress=advance)
+                                  on_progress=advance, haystack=haystack_ids)
     stdout.print(passkey_table(result))
     if plot is not None:
         heatmap([[result.accuracy(n, d) for n in settings.lengths] for d in settings.depths],

@@ -8,7 +8,7 @@ filler, needle, filler, question; the depth sets how much of the filler goes bef
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,10 @@ TASK = ("There is an important info hidden inside a lot of irrelevant text. Find
         "them. I will quiz you about the important information there.")
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again.")
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+NEEDLE_PIECES = ("The pass key is {key}. Remember it.", " {key}", " is the pass key.")
+"""The needle in three pieces, tokenized apart (the same ids as the whole sentence) so that the
+position of the repeated key is known."""
+NEEDLE = "".join(NEEDLE_PIECES)
 QUESTION = "What is the pass key? The pass key is"
 
 
@@ -43,12 +46,21 @@ class PasskeySample:
     """Index in ``prompt_ids`` of the needle's first token."""
     needle_len: int
     """Tokens in the needle sentence."""
+    key_copy: tuple[int, int]
+    """[start, end) in ``prompt_ids`` of the needle's second ' {key}', which repeats the first."""
 
-    def to_document(self, eos_id: int) -> Document:
+    def to_document(self, eos_id: int, supervise_key_copy: bool = False) -> Document:
         """A fine-tuning example: the prompt is read; the answer and the EOS that ends it are
         supervised (a model that never learnt to stop runs on into more digits, and the first
-        integer of its output is then wrong however well it retrieved)."""
-        return Document.from_parts([(self.prompt_ids, False), (self.answer_ids, True),
+        integer of its output is then wrong however well it retrieved).
+
+        ``supervise_key_copy`` also supervises the needle's second copy of the key: copying it
+        from the first, a few tokens back, is the copy the answer needs, taught locally on every
+        prompt whatever the needle's depth."""
+        start, end = self.key_copy if supervise_key_copy else (len(self.prompt_ids),) * 2
+        return Document.from_parts([(self.prompt_ids[:start], False),
+                                    (self.prompt_ids[start:end], True),
+                                    (self.prompt_ids[end:], False), (self.answer_ids, True),
                                     ([eos_id], True)])
 
 
@@ -56,13 +68,19 @@ class PasskeyGenerator:
     """Passkey samples of a given length and depth, deterministic by seed, for one tokenizer."""
 
     def __init__(self, tokenizer: Tokenizer, key_min: int = 1, key_max: int = 50_000,
-                 filler: str = FILLER) -> None:
+                 filler: str = FILLER, haystack: Tensor | None = None) -> None:
+        """``filler``: the sentences repeated around the needle (Landmark's by default);
+        ``haystack``: token ids of real text to use instead, read from a random place for each
+        prompt and continued after the needle, endlessly repeated (:func:`haystack_tokens`)."""
         self.tokenizer = tokenizer
         self.key_min, self.key_max = key_min, key_max
         encode = tokenizer.encode
         self.head = encode(TASK, bos=True)
         self.newline = encode("\n")
         self.question = encode(QUESTION)
+        if haystack is not None and len(haystack) == 0:
+            raise ValueError("haystack: holds no token")
+        self.haystack = haystack
         # Landmark joins filler repetitions with a space: "F F F ..." -> [F][ F][ F]...
         self.filler_first = torch.tensor(encode(filler), dtype=torch.long)
         self.filler_next = torch.tensor(encode(" " + filler), dtype=torch.long)
@@ -70,7 +88,11 @@ class PasskeyGenerator:
         """Prompt tokens that are neither filler nor needle."""
 
     def filler(self, n: int, start: int = 0) -> Tensor:
-        """Tokens ``start`` to ``start + n`` of the endlessly repeated filler."""
+        """Tokens ``start`` to ``start + n`` of the endlessly repeated filler (or haystack)."""
+        if self.haystack is not None:
+            size = len(self.haystack)
+            reps = math.ceil((start % size + n) / size)
+            return self.haystack.repeat(reps)[start % size:start % size + n]
         first, step = len(self.filler_first), len(self.filler_next)
         head = self.filler_first[start:start + n]
         offset = max(start - first, 0)  # into the repeated part
@@ -82,7 +104,8 @@ class PasskeyGenerator:
     def sample(self, length: int, depth: float, seed: int) -> PasskeySample:
         """A prompt of exactly ``length`` tokens with the needle at ``depth`` (0 start, 1 end)."""
         parts, sample = self._layout(length, depth, seed)
-        prompt = torch.cat([self.filler(p) if isinstance(p, int) else p for p in parts])
+        prompt = torch.cat([p if isinstance(p, Tensor) else self.filler(p[1], p[0])
+                            for p in parts])
         return PasskeySample(prompt_ids=prompt, **sample)
 
     def check_length(self, length: int) -> None:
@@ -98,32 +121,62 @@ class PasskeyGenerator:
         return PasskeySample(prompt_ids=torch.empty(0, dtype=torch.long), **sample), \
             self._chunks(parts, chunk_tokens)
 
-    def _chunks(self, parts: list[Tensor | int], chunk_tokens: int) -> Iterator[Tensor]:
+    def _chunks(self, parts: list[Tensor | tuple[int, int]],
+                chunk_tokens: int) -> Iterator[Tensor]:
         for part in parts:
-            if not isinstance(part, int):
+            if isinstance(part, Tensor):
                 yield part
                 continue
-            for start in range(0, part, chunk_tokens):
-                yield self.filler(min(chunk_tokens, part - start), start)
+            first, n = part
+            for start in range(0, n, chunk_tokens):
+                yield self.filler(min(chunk_tokens, n - start), first + start)
 
-    def _layout(self, length: int, depth: float, seed: int) -> tuple[list[Tensor | int], dict]:
-        """The prompt's parts (token tensors, or an int n for the first n filler tokens) and the
-        fields of its PasskeySample but the prompt."""
+    def _layout(self, length: int, depth: float,
+                seed: int) -> tuple[list[Tensor | tuple[int, int]], dict]:
+        """The prompt's parts (token tensors, or (start, n) for filler tokens start to start + n)
+        and the fields of its PasskeySample but the prompt. Landmark's filler starts afresh after
+        the needle; a haystack's text continues where it stopped."""
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth = {depth}: must be in [0, 1]")
-        key = int(np.random.default_rng(seed).integers(self.key_min, self.key_max + 1))
-        needle = self.tokenizer.encode(NEEDLE.format(key=key))
+        rng = np.random.default_rng(seed)
+        key = int(rng.integers(self.key_min, self.key_max + 1))
+        pieces = [self.tokenizer.encode(piece.format(key=key)) for piece in NEEDLE_PIECES]
+        needle = [token for piece in pieces for token in piece]
         budget = length - self.frame_tokens - len(needle)
         if budget < 0:
             raise ValueError(f"passkey length = {length} tokens: too short, the prompt without "
                              f"filler takes {length - budget} tokens")
         before = round(depth * budget)
         nl = self.newline
-        parts = [self.head, nl, before, nl, needle, nl, budget - before, nl, self.question]
-        return [p if isinstance(p, int) else torch.as_tensor(p, dtype=torch.long)
+        if self.haystack is None:
+            text_before, text_after = (0, before), (0, budget - before)
+        else:
+            start = int(rng.integers(len(self.haystack)))
+            text_before, text_after = (start, before), (start + before, budget - before)
+        parts = [self.head, nl, text_before, nl, needle, nl, text_after, nl, self.question]
+        needle_offset = len(self.head) + 2 * len(nl) + before
+        copy_start = needle_offset + len(pieces[0])
+        return [p if isinstance(p, tuple) else torch.as_tensor(p, dtype=torch.long)
                 for p in parts], dict(
             answer_ids=self.tokenizer.encode(f" {key}"), key=key, depth=depth,
-            needle_offset=len(self.head) + 2 * len(nl) + before, needle_len=len(needle))
+            needle_offset=needle_offset, needle_len=len(needle),
+            key_copy=(copy_start, copy_start + len(pieces[1])))
+
+
+def haystack_tokens(documents: Iterable[Tensor], tokenizer: Tokenizer,
+                    max_tokens: int = 4_000_000) -> Tensor:
+    """Token ids of ``documents`` (their BOS and EOS left out) joined by blank lines, up to
+    ``max_tokens``: real text for :class:`PasskeyGenerator` to hide needles in. Prompts longer
+    than it repeat it."""
+    separator = torch.tensor(tokenizer.encode("\n\n"), dtype=torch.long)
+    pieces, total = [], 0
+    for ids in documents:
+        ids = ids[(ids != tokenizer.bos_id) & (ids != tokenizer.eos_id)]
+        pieces += [ids, separator]
+        total += len(ids) + len(separator)
+        if total >= max_tokens:
+            break
+    return torch.cat(pieces)[:max_tokens] if pieces else torch.empty(0, dtype=torch.long)
 
 
 class PasskeySource(DocumentSource):
@@ -131,8 +184,10 @@ class PasskeySource(DocumentSource):
     to ``lengths[1]``, depths uniform in [depth_min, depth_max]."""
 
     def __init__(self, generator: PasskeyGenerator, lengths: tuple[int, int], depth_min: float,
-                 depth_max: float, label: str, weight: float, length_step: int = 1) -> None:
+                 depth_max: float, label: str, weight: float, length_step: int = 1,
+                 supervise_key_copy: bool = False) -> None:
         super().__init__(label, weight)
+        self.supervise_key_copy = supervise_key_copy
         self.generator = generator
         self.lengths = lengths
         self.length_step = length_step
@@ -148,5 +203,5 @@ class PasskeySource(DocumentSource):
             steps = (self.lengths[1] - self.lengths[0]) // self.length_step
             length = self.lengths[0] + self.length_step * int(rng.integers(steps + 1))
             sample = self.generator.sample(length, depth, seed=int(rng.integers(2**62)))
-            yield sample.to_document(self.generator.tokenizer.eos_id)
+            yield sample.to_document(self.generator.tokenizer.eos_id, self.supervise_key_copy)
             position += 1

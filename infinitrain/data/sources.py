@@ -92,6 +92,10 @@ class SourceConfig:
     """passkey only: smallest key (Landmark draws keys uniformly from [1, 50000])."""
     key_max: int = 50_000
     """passkey only: largest key (use 10000..99999 for keys of exactly 5 digits)."""
+    supervise_key_copy: bool = False
+    """passkey only: also supervise the needle's second copy of the key ('The pass key is 71432.
+    Remember it. 71432 is …'), a copy a few tokens back that teaches the copy the answer needs on
+    every prompt, whatever the needle's depth."""
 
     def __post_init__(self) -> None:
         defaults = SourceConfig.__dataclass_fields__
@@ -120,7 +124,8 @@ class SourceConfig:
                                   f"files = {self.files!r}")
         only = {"booksum": ("summary_field", "max_input_tokens", "truncate"),
                 "passkey": ("passkey_length", "passkey_length_min", "passkey_length_step",
-                            "depth_min", "depth_max", "key_min", "key_max")}
+                            "depth_min", "depth_max", "key_min", "key_max",
+                            "supervise_key_copy")}
         for kind, names in only.items():
             for name in names:
                 if self.kind != kind and getattr(self, name) != defaults[name].default:

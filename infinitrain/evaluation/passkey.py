@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from itertools import product
 
 import numpy as np
+from torch import Tensor
 
-from ..data.passkey import PasskeyGenerator
+from ..data.passkey import FILLER, PasskeyGenerator
 from ..data.tokenizer import Tokenizer
 from ..inference import DEFAULT_WINDOW_SEGMENTS, GenerationConfig, generate
 from ..inference.stream import ProgressFn
@@ -55,6 +56,11 @@ class PasskeySettings:
     offsets: int = 1
     """End positions per length: a length L is evaluated at L + i·N // offsets tokens for
     i < offsets (N the segment length), ``samples`` prompts each. 1: at L only."""
+    filler: str = FILLER
+    """The sentences repeated around the needle (Landmark's by default)."""
+    haystack: str | None = None
+    """Where the real text hidden around the needle comes from (a file or dataset), instead of
+    the filler; its tokens are given to :func:`evaluate_passkey`."""
 
     def __post_init__(self) -> None:
         if self.offsets < 1:
@@ -151,12 +157,17 @@ def length_offsets(settings: PasskeySettings, segment_len: int) -> list[int]:
 
 
 def evaluate_passkey(model: InfiniTransformer, tokenizer: Tokenizer, settings: PasskeySettings,
-                     on_progress: ProgressFn | None = None) -> PasskeyResult:
-    """Every length × offset × depth × sample, shortest length first."""
+                     on_progress: ProgressFn | None = None,
+                     haystack: Tensor | None = None) -> PasskeyResult:
+    """Every length × offset × depth × sample, shortest length first; ``haystack``: token ids of
+    real text to hide the needles in instead of the filler (``settings.haystack`` names it)."""
+    if (haystack is None) != (settings.haystack is None):
+        raise ValueError("settings.haystack names the haystack's tokens: give both or neither")
     device = model.embed_tokens.weight.device
     segment = model.config.segment_len
     offsets = length_offsets(settings, segment)
-    prompts = PasskeyGenerator(tokenizer, settings.key_min, settings.key_max)
+    prompts = PasskeyGenerator(tokenizer, settings.key_min, settings.key_max, settings.filler,
+                               haystack)
     config = GenerationConfig(max_new_tokens=settings.max_new_tokens,
                               eos_token_id=tokenizer.eos_id,
                               window_segments=settings.window_segments,

@@ -7,6 +7,7 @@ import math
 from rich.markup import escape
 from rich.table import Table
 
+from ..data.passkey import FILLER
 from ..model.memory import rule_named
 from .booksum import BookSumResult
 from .gates import GateReport
@@ -29,8 +30,10 @@ def passkey_table(result: PasskeyResult) -> Table:
     settings = result.settings
     memory = "memory" if settings.use_memory else "memory disabled"
     spread = f" over {settings.offsets} end positions" if settings.offsets > 1 else ""
+    hidden_in = (f", hidden in {settings.haystack}" if settings.haystack else
+                 ", other filler" if settings.filler != FILLER else "")
     table = Table(title=f"Passkey retrieval, exact match ({settings.samples * settings.offsets} "
-                        f"prompts per cell{spread}, {memory})")
+                        f"prompts per cell{spread}, {memory}{hidden_in})")
     table.add_column("length", justify="right")
     for depth in settings.depths:
         table.add_column(f"depth {depth:g}", justify="right")
