@@ -12,7 +12,8 @@ from infinitrain.model import InfiniTransformer
 from infinitrain.recipe import RecipeError, dump_recipe, load_recipe, parse_recipe, shipped_recipes
 from infinitrain.recipe.loading import parse_yaml
 
-SHIPPED = ["tiny", "1b", "8b", "passkey-tiny", "passkey-tiny-overlap", "passkey-5k", "booksum-500k"]
+SHIPPED = ["tiny", "1b", "8b", "passkey-tiny", "passkey-tiny-overlap", "passkey-5k", "booksum-500k",
+           "booksum-tiny"]
 runner = CliRunner()
 
 

@@ -119,15 +119,22 @@ def _run(recipe_ref: str, overrides: list[str], resume: str | None, max_steps: i
 
 
 EVALUATIONS = {"passkey": "eval passkey --model {run} --lengths 1k,4k --samples 10",
-               "booksum": "eval booksum --model {run} --data data/booksum-sample",
-               "text": "eval perplexity --model {run} --data data/pg19-sample"}
+               "booksum": "eval booksum --model {run} --data {data}",
+               "text": "eval perplexity --model {run} --data {data}"}
 """Source kind → the evaluation the final summary suggests for a run trained on it."""
+
+BUNDLED_EVAL_DATA = {"booksum": "data/booksum-sample/kmfoda-chapters", "text": "data/pg19-sample"}
+"""What those evaluations read when the recipe has no held-out files of its own."""
 
 
 def next_commands(recipe, out_dir: Path) -> list[str]:
-    """What to run after training: the task's evaluation, then the Hugging Face export."""
+    """What to run after training: the task's evaluation (on the held-out files of
+    data.validation when the recipe has them), then the Hugging Face export."""
     kind = recipe.data.sources[0].kind
-    return [f"infinitrain {EVALUATIONS[kind].format(run=out_dir)}",
+    validation = recipe.data.validation
+    held_out = validation.sources[0].files if validation is not None else []
+    data = held_out[0] if held_out else BUNDLED_EVAL_DATA.get(kind)
+    return [f"infinitrain {EVALUATIONS[kind].format(run=out_dir, data=data)}",
             f"infinitrain export hf {out_dir} hf/{out_dir.name}"]
 
 

@@ -57,7 +57,11 @@ def passkey_table(result: PasskeyResult) -> Table:
 def booksum_table(result: BookSumResult) -> Table:
     table = Table(title="BookSum ROUGE F1", caption=PAPER_BOOKSUM)
     for name in ("book", "tokens", "dropped", "summary tokens", "R-1", "R-2", "R-L", "overall"):
-        table.add_column(name, justify="left" if name == "book" else "right")
+        if name == "book":  # a title is never cut or wrapped, even at 80 columns
+            table.add_column(name, justify="left", no_wrap=True,
+                             min_width=max((len(book.title) for book in result.books), default=4))
+        else:
+            table.add_column(name, justify="right")
 
     def scores(r):
         return (f"{r.rouge1:.1f}", f"{r.rouge2:.1f}", f"{r.rougeL:.1f}", f"{r.overall:.1f}")
