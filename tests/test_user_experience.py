@@ -282,3 +282,11 @@ def test_a_resume_may_change_the_validation_set_but_not_the_training_data(tmp_pa
     with pytest.raises(ResumeError, match="data differ"):
         check_same_streams(load_recipe("tiny", [*SMALL, VALIDATION, "data.mode=concat"])[1],
                            saved, tmp_path)
+
+
+def test_a_passkey_source_too_short_for_a_prompt_fails_in_one_line(tmp_path: Path):
+    """It was a traceback from deep in the data pipeline."""
+    result = invoke("pretrain", "--recipe", "passkey-tiny", "--out-dir", str(tmp_path / "run"),
+                    "--set", "data.sources.0.passkey_length_min=80")
+    one_line_error(result, "passkey (80–249 tokens): passkey length = 80 tokens: too short")
+    assert "raise passkey_length_min" in result.stderr

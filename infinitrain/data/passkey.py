@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .documents import Document
-from .sources import DocumentSource, Skipped
+from .sources import DataSourceError, DocumentSource, Skipped
 from .tokenizer import Tokenizer
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -192,7 +192,11 @@ class PasskeySource(DocumentSource):
         self.lengths = lengths
         self.length_step = length_step
         self.depth_min, self.depth_max = depth_min, depth_max
-        generator.sample(lengths[0], depth_min, seed=0)  # fail now if a length cannot hold a prompt
+        try:  # fail now if the shortest length cannot hold a prompt
+            generator.check_length(lengths[0])
+        except ValueError as error:
+            raise DataSourceError(f"{label}: {error}; raise passkey_length_min (or "
+                                  "passkey_length)") from None
 
     def epoch(self, rank: int, world_size: int, epoch: int, seed: int,
               start: int = 0) -> Iterator[Document | Skipped]:
