@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-MANIFEST_FILE = "checkpoint.json"
-"""A checkpoint's manifest: what it holds, with its file list under ``files``."""
+from .layout import MANIFEST_FILE
+
 CHUNK_BYTES = 1 << 20
 
 FileList = dict[str, dict[str, Any]]

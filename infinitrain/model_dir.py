@@ -19,12 +19,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .integrity import MANIFEST_FILE, ManifestError, problem, read_manifest_json
+from .integrity import ManifestError, problem, read_manifest_json
+from .layout import MANIFEST_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE
 from .model import InfiniTransformer, ModelConfig
-
-CONFIG_FILE = "model_config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
 
 
 class ModelDirError(FileNotFoundError):
@@ -35,7 +32,7 @@ def save_model_dir(model: InfiniTransformer, out_dir: str | Path,
                    tokenizer_dir: str | Path | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    (out / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     weights = {name: t.detach().to("cpu", torch.float32).contiguous()
                for name, t in model.state_dict().items()}
     if model.config.tie_embeddings:
@@ -63,10 +60,10 @@ def match_umask(path: Path) -> None:
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
-    config_file = Path(path) / CONFIG_FILE
+    config_file = Path(path) / MODEL_CONFIG_FILE
     if not config_file.is_file():
-        raise ModelDirError(f"{path}: not a model directory (no {CONFIG_FILE}); pass a training "
-                            "checkpoint directory such as runs/tiny/step-00000100")
+        raise ModelDirError(f"{path}: not a model directory (no {MODEL_CONFIG_FILE}); pass a "
+                            "training checkpoint directory such as runs/tiny/step-00000100")
     return ModelConfig.from_dict(json.loads(config_file.read_text()))
 
 
@@ -76,8 +73,8 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu",
     config = load_model_config(path)
     weights_file = Path(path) / WEIGHTS_FILE
     if not weights_file.is_file():
-        raise ModelDirError(f"{path}: has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-    check_listed_files(Path(path), [CONFIG_FILE, WEIGHTS_FILE])
+        raise ModelDirError(f"{path}: has {MODEL_CONFIG_FILE} but no {WEIGHTS_FILE}")
+    check_listed_files(Path(path), [MODEL_CONFIG_FILE, WEIGHTS_FILE])
     model = InfiniTransformer(config)
     try:
         weights = load_file(str(weights_file))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from infinitrain.layout import step_name
 from infinitrain.model import InfiniTransformer, preset
 from infinitrain.model_dir import load_model_dir, save_model_dir
 from infinitrain.recipe import RecipeError
@@ -14,7 +15,6 @@ from infinitrain.training.checkpoint import (
     find_checkpoint,
     publish,
     staging_dir,
-    step_name,
     write_manifest,
 )
 from infinitrain.training.weights import check_init, model_from_state_dict

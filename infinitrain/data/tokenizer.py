@@ -22,7 +22,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 TOKENIZER_FILE = "tokenizer.json"
-CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -92,7 +92,7 @@ class Tokenizer:
                    "pad_token": self.pad_token}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
                   "clean_up_tokenization_spaces": False, "model_max_length": 1 << 60}
-        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (out / SPECIAL_TOKENS_FILE).write_text(json.dumps(special, indent=2) + "\n")
         return out
 
@@ -104,7 +104,7 @@ class Tokenizer:
 def _configured_tokens(directory: Path) -> dict[str, str]:
     """BOS/EOS/PAD named in a HF tokenizer directory; values may be strings or AddedToken dicts."""
     found: dict[str, str] = {}
-    for name in (SPECIAL_TOKENS_FILE, CONFIG_FILE):  # tokenizer_config.json wins
+    for name in (SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE):  # tokenizer_config.json wins
         path = directory / name
         if not path.is_file():
             continue
@@ -138,7 +138,7 @@ def load_tokenizer(path: str | Path, bos_token: str | None = None, eos_token: st
             chosen[role] = configured.get(role) or next((t for t in candidates if t in vocab), None)
     if chosen["eos"] is None:
         raise TokenizerError(
-            f"{file}: tokenizer has no EOS token (none in {CONFIG_FILE} and none of "
+            f"{file}: tokenizer has no EOS token (none in {TOKENIZER_CONFIG_FILE} and none of "
             f"{', '.join(KNOWN_TOKENS['eos'])} in its vocabulary); documents need one to end, "
             "so add an eos_token to its tokenizer_config.json"
         )

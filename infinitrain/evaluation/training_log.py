@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-LOG_DIR = Path("logs")
-"""Where a run's loggers write, under its out_dir (the trainer imports this layout from here, so
-reading logs back never imports the trainer)."""
-CSV_NAME = "csv"
-CSV_LOGS = LOG_DIR / CSV_NAME
+from ..layout import CSV_DIR, LOG_DIR
+
+CSV_LOGS = LOG_DIR / CSV_DIR
 
 _FOLDER = re.compile(r"from-step-(\d+)")
 _GATE_MEAN = re.compile(r"gates/(layer_\d+)/mean")

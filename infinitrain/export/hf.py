@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import model as core_package
+from ..layout import RECIPE_FILE
 from ..model import InfiniTransformer, ModelConfig
 from ..model_dir import load_model_dir, match_umask, tokenizer_path
 from .files import check_new_dir, checked_tokenizer, copy_tokenizer_files
@@ -39,10 +40,9 @@ AUTO_MAP = {
 WEIGHT_PREFIX = "model."
 """The wrapper holds the core model as ``self.model``."""
 WRAPPER_FILES = ("configuration_infini.py", "modeling_infini.py")
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-RECIPE_FILE = "recipe.yaml"
+HF_CONFIG_FILE = "config.json"
+HF_WEIGHTS_FILE = "model.safetensors"
+HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 """The resolved recipe a training checkpoint holds (see infinitrain.training.checkpoint)."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -106,7 +106,7 @@ def _write_config(out: Path, config: ModelConfig, dtype: torch.dtype) -> None:
         "dtype": str(dtype).removeprefix("torch."),
         "transformers_version": transformers.__version__,
     }
-    (out / CONFIG_FILE).write_text(json.dumps(values, indent=2) + "\n")
+    (out / HF_CONFIG_FILE).write_text(json.dumps(values, indent=2) + "\n")
 
 
 def _write_weights(out: Path, model: InfiniTransformer, dtype: torch.dtype,
@@ -126,7 +126,7 @@ def _write_weights(out: Path, model: InfiniTransformer, dtype: torch.dtype,
 def export_config(path: Path) -> dict | None:
     """The ``config.json`` values of an ``infinitrain export hf`` directory, or None when ``path``
     is not one."""
-    config_file = path / CONFIG_FILE
+    config_file = path / HF_CONFIG_FILE
     if not config_file.is_file():
         return None
     values = json.loads(config_file.read_text())

@@ -24,8 +24,9 @@ from safetensors import safe_open
 from torch import Tensor
 
 from ..data.tokenizer import TOKENIZER_FILE
+from ..layout import TOKENIZER_DIR
 from ..model import PRESETS, ConfigError, InfiniTransformer, ModelConfig
-from ..model_dir import TOKENIZER_DIR, save_model_dir
+from ..model_dir import save_model_dir
 from .files import check_new_dir, checked_tokenizer, copy_tokenizer_files
 
 DEFAULT_GATE_INIT = -6.0

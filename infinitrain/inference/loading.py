@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..export.hf import WEIGHT_PREFIX, WEIGHTS_FILE, WEIGHTS_INDEX, export_config
+from ..export.hf import HF_WEIGHTS_FILE, HF_WEIGHTS_INDEX, WEIGHT_PREFIX, export_config
+from ..layout import LATEST_POINTER, MODEL_CONFIG_FILE
 from ..model import InfiniTransformer, ModelConfig
-from ..model_dir import CONFIG_FILE, ModelDirError, load_model_dir, tokenizer_path
+from ..model_dir import ModelDirError, load_model_dir, tokenizer_path
 
-LATEST_POINTER = "latest"
 """File in a training run's out_dir naming its newest checkpoint directory."""
 
 
@@ -37,7 +37,7 @@ Loader = Callable[[Path, torch.device, torch.dtype], LoadedModel | None]
 def load_infinitrain_dir(path: Path, device: torch.device,
                          dtype: torch.dtype) -> LoadedModel | None:
     """A model directory as written by ``save_model_dir`` (every training checkpoint is one)."""
-    if not (path / CONFIG_FILE).is_file():
+    if not (path / MODEL_CONFIG_FILE).is_file():
         return None
     return LoadedModel(load_model_dir(path, device, dtype), path, tokenizer_path(path))
 
@@ -62,11 +62,11 @@ def load_exported(path: Path, device: torch.device,
 
 
 def _export_weight_files(path: Path) -> list[Path]:
-    index = path / WEIGHTS_INDEX
+    index = path / HF_WEIGHTS_INDEX
     if index.is_file():
         return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"]
                                                    .values()))]
-    return [path / WEIGHTS_FILE]
+    return [path / HF_WEIGHTS_FILE]
 
 
 LOADERS: list[Loader] = [load_infinitrain_dir, load_exported]
@@ -95,5 +95,5 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
         if loaded is not None:
             return loaded
     raise ModelDirError(f"{path}: not a model: expected a checkpoint directory with "
-                        f"{CONFIG_FILE} (e.g. runs/tiny/step-00000100), a run directory with a "
-                        f"'{LATEST_POINTER}' file, or an `infinitrain export hf` directory")
+                        f"{MODEL_CONFIG_FILE} (e.g. runs/tiny/step-00000100), a run directory "
+                        f"with a '{LATEST_POINTER}' file, or an `infinitrain export hf` directory")

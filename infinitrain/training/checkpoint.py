@@ -32,23 +32,23 @@ from lightning.pytorch.utilities import rank_zero_warn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..inference.loading import LATEST_POINTER
 from ..integrity import (
-    MANIFEST_FILE,
     FileList,
     ManifestError,
     list_files,
     problem,
     read_manifest_json,
 )
+from ..layout import (
+    LATEST_POINTER,
+    MANIFEST_FILE,
+    STEP_PREFIX,
+    STREAMS_DIR,
+    TMP_STEP_PREFIX,
+    step_name,
+)
 from ..model import InfiniState
 from ..model_dir import match_umask
-
-STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-step-"
-TRAINER_STATE = "trainer.ckpt"
-STREAMS_DIR = "streams"
-RECIPE_FILE = "recipe.yaml"
 
 
 class ResumeError(RuntimeError):
@@ -95,10 +95,6 @@ class Manifest:
         return (f"resuming at {threads} intra-op threads per process; the checkpoint was written "
                 f"at {self.threads}: the run continues correctly, but not bit-identical to an "
                 f"uninterrupted one (set OMP_NUM_THREADS={self.threads} for that)")
-
-
-def step_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
@@ -234,7 +230,7 @@ def find_checkpoint(resume: str, out_dir: Path) -> Path | None:
 def staging_dir(out_dir: Path, step: int, owner: int) -> Path:
     """Where the run whose rank 0 is process ``owner`` writes checkpoint ``step``: per process,
     so that no two runs ever write into, or clear, the same directory."""
-    return out_dir / f"{TMP_PREFIX}{step:08d}-{owner}"
+    return out_dir / f"{TMP_STEP_PREFIX}{step:08d}-{owner}"
 
 
 def clear_staging(out_dir: Path, keep: Path) -> None:
@@ -243,7 +239,7 @@ def clear_staging(out_dir: Path, keep: Path) -> None:
     Only called while holding the run lock (``run_lock.py``): every run writing into out_dir
     holds it, so any other staging directory belongs to a process that is no longer running.
     """
-    for path in out_dir.glob(f"{TMP_PREFIX}*"):
+    for path in out_dir.glob(f"{TMP_STEP_PREFIX}*"):
         if path != keep:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -252,7 +248,7 @@ def publish(staged: Path, out_dir: Path, step: int, keep_last: int) -> Path:
     """Rename a fully written checkpoint into place, point ``latest`` at it, drop old ones."""
     final = out_dir / step_name(step)
     if final.exists():  # re-saving a step after resuming from an older checkpoint
-        replaced = out_dir / f"{TMP_PREFIX}replaced-{step:08d}"
+        replaced = out_dir / f"{TMP_STEP_PREFIX}replaced-{step:08d}"
         os.replace(final, replaced)
         os.replace(staged, final)
         shutil.rmtree(replaced)

@@ -16,15 +16,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from ..data import Tokenizer, load_tokenizer
 from ..evaluation.options import human_bytes, human_count
-from ..evaluation.training_log import CSV_NAME, LOG_DIR, csv_version
+from ..evaluation.training_log import csv_version
 from ..inference.loading import resolve_model_path
+from ..layout import CSV_DIR, LOG_DIR, RECIPE_FILE, TENSORBOARD_DIR, TRAINER_STATE
 from ..model import InfiniTransformer, ModelConfig
 from ..model_dir import tokenizer_path
 from ..recipe import LoggingSection, Recipe, RecipeError, parse_recipe
 from ..recipe.typed import to_plain
 from .checkpoint import (
-    RECIPE_FILE,
-    TRAINER_STATE,
     ResumeError,
     find_checkpoint,
     newest_checkpoint,
@@ -108,10 +107,10 @@ def loggers(logging: LoggingSection, out_dir: Path, name: str, start_step: int) 
     step it starts from (Lightning's CSV logger replaces an existing file)."""
     chosen: list[Logger] = []
     if logging.tensorboard:
-        chosen.append(TensorBoardLogger(out_dir / LOG_DIR, name="tensorboard", version="",
+        chosen.append(TensorBoardLogger(out_dir / LOG_DIR, name=TENSORBOARD_DIR, version="",
                                         default_hp_metric=False))
     if logging.csv:
-        chosen.append(CSVLogger(out_dir / LOG_DIR, name=CSV_NAME,
+        chosen.append(CSVLogger(out_dir / LOG_DIR, name=CSV_DIR,
                                 version=csv_version(start_step)))
     if logging.wandb:
         try:

@@ -20,7 +20,7 @@ from typing import IO
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-LOCK_FILE = ".lock"
+from ..layout import RUN_LOCK
 
 
 class RunLockError(RuntimeError):
@@ -51,7 +51,7 @@ def _open_lock_file(out_dir: Path) -> IO[str]:
     """The lock file, created if needed; an unwritable out_dir fails here, before any work."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        return open(out_dir / LOCK_FILE, "a+")
+        return open(out_dir / RUN_LOCK, "a+")
     except OSError as error:
         raise RunLockError(f"--out-dir {out_dir}: cannot write there ({error.strerror}); choose "
                            "a writable directory") from None

@@ -24,12 +24,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .. import preemption
 from ..data import Tokenizer
+from ..layout import RECIPE_FILE, TOKENIZER_DIR, TRAINER_STATE
 from ..model import InfiniTransformer
-from ..model_dir import TOKENIZER_DIR, save_model_dir
+from ..model_dir import save_model_dir
 from ..recipe import Recipe, dump_recipe
 from .checkpoint import (
-    RECIPE_FILE,
-    TRAINER_STATE,
     Manifest,
     clear_staging,
     publish,

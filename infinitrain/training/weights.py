@@ -16,8 +16,9 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..inference.loading import resolve_model_path
+from ..layout import WEIGHTS_FILE
 from ..model import InfiniTransformer, ModelConfig
-from ..model_dir import WEIGHTS_FILE, load_model_config
+from ..model_dir import load_model_config
 from ..recipe import RecipeError
 
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
