@@ -143,3 +143,22 @@ def test_a_curriculum_switches_sources_at_their_steps_and_resumes_there(data_tok
     resumed.load_state_dict(expected[4].position)
     for got, want in zip(itertools.islice(resumed, 7), expected[5:], strict=True):
         assert torch.equal(got.input_ids, want.input_ids)
+
+
+def test_what_a_data_option_names_becomes_a_source(tmp_path):
+    from infinitrain.data.sources import DataSourceError, source_for
+
+    (tmp_path / "a.txt").write_text("one")
+    (tmp_path / "b.jsonl").write_text('{"text": "two"}\n')
+    (tmp_path / "notes.md").write_text("not data")
+    folder = source_for(str(tmp_path), split="test", min_tokens=5)
+    assert folder.files == [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
+    assert folder.min_tokens == 5 and folder.name is None
+    assert source_for(str(tmp_path / "*.txt"), split="test").files == [str(tmp_path / "*.txt")]
+    hub = source_for("emozilla/pg19", split="test", config=None)
+    assert (hub.name, hub.split, hub.files) == ("emozilla/pg19", "test", [])
+    with pytest.raises(DataSourceError, match="not a hub dataset name"):
+        source_for(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataSourceError, match="directory holds no"):
+        source_for(str(tmp_path / "empty"))

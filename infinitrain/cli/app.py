@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import evaluate, export, model_info, submit, tokenizer, train
+from . import evaluate, export, generate, inspect, model_info, submit, tokenizer, train
 
 app = typer.Typer(
     name="infinitrain",
@@ -13,7 +13,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (train, submit, evaluate, export, model_info, tokenizer):
+for module in (train, submit, evaluate, generate, inspect, export, model_info, tokenizer):
     module.register(app)
 
 

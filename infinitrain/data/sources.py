@@ -344,3 +344,25 @@ def text_source(config: SourceConfig, tokenizer: Tokenizer) -> DatasetSource:
     rows = check_columns(load_rows(config), [text_field], config.label)
     convert = _text_converter(tokenizer, text_field, config.min_tokens, config.label)
     return DatasetSource(config.label, config.weight, rows, convert)
+
+
+def source_for(data: str, **fields: Any) -> SourceConfig:
+    """What a command's ``--data`` names: a local file, glob or directory (its files of a
+    supported format) becomes a file source, an ``owner/name`` a hub dataset; ``fields`` are the
+    rest of the SourceConfig (split, text_field, …). DataSourceError when it is neither."""
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(str(f) for f in path.iterdir()
+                       if f.is_file() and any(suffix in FILE_BUILDERS for suffix in f.suffixes))
+        if not files:
+            raise DataSourceError(f"{data}: directory holds no {', '.join(FILE_BUILDERS)} file")
+        fields.pop("split", None)
+        fields.pop("config", None)
+        return SourceConfig(files=files, **fields)
+    if path.exists() or any(ch in data for ch in "*?["):
+        fields.pop("split", None)
+        fields.pop("config", None)
+        return SourceConfig(files=[data], **fields)
+    if "/" not in data or data.startswith((".", "/")):
+        raise DataSourceError(f"{data}: no such file, and not a hub dataset name (owner/name)")
+    return SourceConfig(name=data, **fields)

@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..export.hf import HF_WEIGHTS_FILE, HF_WEIGHTS_INDEX, WEIGHT_PREFIX, export_config
 from ..layout import LATEST_POINTER, MODEL_CONFIG_FILE
 from ..model import InfiniTransformer, ModelConfig
 from ..model_dir import ModelDirError, load_model_dir, tokenizer_path
-
-"""File in a training run's out_dir naming its newest checkpoint directory."""
 
 
 @dataclass
@@ -97,3 +96,44 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     raise ModelDirError(f"{path}: not a model: expected a checkpoint directory with "
                         f"{MODEL_CONFIG_FILE} (e.g. runs/tiny/step-00000100), a run directory "
                         f"with a '{LATEST_POINTER}' file, or an `infinitrain export hf` directory")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The computation dtypes a user can name (the memory M, z stays float32 whatever is chosen)."""
+
+
+def choose_device(name: str) -> torch.device:
+    """'auto' (CUDA when available, else CPU) or a device this machine has; ValueError else."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name!r}: CUDA is not available on this machine")
+    return device
+
+
+def choose_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' (bf16 on GPU, fp32 on CPU) or one of :data:`DTYPES`; ValueError else."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"{name!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_with_tokenizer(path: str | Path, device: torch.device,
+                        dtype: torch.dtype) -> tuple[LoadedModel, Tokenizer]:
+    """The model at ``path`` and the tokenizer it was trained with, which must fit its
+    vocabulary (ModelDirError otherwise)."""
+    loaded = load_model(path, device, dtype)
+    if loaded.tokenizer_dir is None:
+        raise ModelDirError(f"{path}: has no tokenizer/ directory; evaluation needs the "
+                            "tokenizer the model was trained with")
+    tokenizer = load_tokenizer(loaded.tokenizer_dir)
+    if tokenizer.vocab_size > loaded.model.config.vocab_size:
+        raise ModelDirError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model's "
+                            f"vocabulary only {loaded.model.config.vocab_size}")
+    return loaded, tokenizer
