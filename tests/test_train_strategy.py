@@ -11,7 +11,8 @@ GIB = 2**30
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["train.strategy=deepspeed"], "train.strategy = deepspeed: needs CUDA GPUs"),
+    (["train.strategy=deepspeed", "train.accelerator=auto"],
+     "train.strategy = deepspeed: needs CUDA GPUs"),
     (["train.strategy=fsdp"], "train.strategy = fsdp: needs CUDA GPUs"),
     (["train.precision=16-mixed"], "train.precision = 16-mixed: fp16 needs a GPU"),
     (["train.accelerator=gpu"], "no CUDA GPU is visible"),

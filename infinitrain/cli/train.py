@@ -39,7 +39,7 @@ MaxStepsOption = Annotated[int | None, typer.Option(
     show_default=False)]
 SeedOption = Annotated[int | None, typer.Option(help="train.seed.", show_default=False)]
 DevicesOption = Annotated[int | None, typer.Option(
-    help="train.devices: processes per node (GPUs, or CPU processes for DDP).",
+    help="train.devices: processes per node (GPUs, or CPU processes for DDP and DeepSpeed).",
     show_default=False)]
 NodesOption = Annotated[int | None, typer.Option(help="train.num_nodes.", show_default=False)]
 SetOption = Annotated[list[str] | None, typer.Option(

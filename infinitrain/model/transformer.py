@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -48,16 +51,22 @@ class InfiniTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """The configured initial values, also when built under DeepSpeed ZeRO-3's
+        ``zero.Init``: each submodule's weights are sharded as soon as that submodule is built,
+        so writing into them here would write into empty placeholders and keep PyTorch's default
+        init (std 1 embeddings). Each module's weights are gathered whole for the write, one
+        module at a time (never the whole model), and rank 0's values are kept everywhere."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.config.init_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, InfiniAttention) and module.has_memory:
-                nn.init.constant_(module.gate, self.config.gate_init)
-                if self.config.memory_write_gate:
-                    nn.init.zeros_(module.write_weight)
-                    nn.init.constant_(module.write_bias, self.config.write_gate_init)
+            with _whole(module.parameters(recurse=False)):
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=self.config.init_std)
+                elif isinstance(module, RMSNorm):
+                    nn.init.ones_(module.weight)
+                elif isinstance(module, InfiniAttention) and module.has_memory:
+                    nn.init.constant_(module.gate, self.config.gate_init)
+                    if self.config.memory_write_gate:
+                        nn.init.zeros_(module.write_weight)
+                        nn.init.constant_(module.write_bias, self.config.write_gate_init)
 
     def empty_state(self, batch_size: int, device: torch.device | str | None = None) -> InfiniState:
         weight = self.embed_tokens.weight
@@ -124,6 +133,21 @@ class InfiniTransformer(nn.Module):
         shut = torch.zeros(self.config.n_heads, device=self.embed_tokens.weight.device)
         return torch.stack([torch.sigmoid(block.attn.gate.detach().float()) if block.attn.has_memory
                             else shut for block in self.layers])
+
+
+@contextlib.contextmanager
+def _whole(parameters: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Whole, writable values of ``parameters`` inside the block: under ZeRO-3 (parameters with
+    a ``ds_id``) a collective gather every rank enters, whose rank-0 writes are kept on every
+    rank; elsewhere nothing to do."""
+    sharded = [parameter for parameter in parameters if hasattr(parameter, "ds_id")]
+    if not sharded:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=0):
+        yield
 
 
 def _segments_starting(partial: int, length: int, segment_len: int) -> int:

@@ -255,14 +255,31 @@ def supervised_loss_sum(hidden: Tensor, labels: Tensor, head: nn.Module) -> Tens
     Chunks beyond the first are recomputed in the backward rather than kept, so memory holds one
     chunk's logits at a time. The head runs at least once, even on no tokens, so that every
     parameter takes part in the backward (DDP and ZeRO expect it on every rank).
+
+    Every rank runs the head the same number of times, forward and backward: the most chunks any
+    rank has, empty ones included. Under ZeRO-3 each head call gathers its weights from every
+    rank, so a rank with fewer supervised tokens would otherwise leave the others waiting forever.
     """
     mask = labels != IGNORE_INDEX
     hidden, targets = hidden[mask], labels[mask]
-    if len(targets) <= LOSS_CHUNK_TOKENS:
+    chunks = _most_chunks_of_any_rank(len(targets), hidden.device)
+    if chunks == 1:
         return _cross_entropy_sum(hidden, targets, head)
     return sum(checkpoint(_cross_entropy_sum, hidden[start:start + LOSS_CHUNK_TOKENS],
                           targets[start:start + LOSS_CHUNK_TOKENS], head, use_reentrant=False)
-               for start in range(0, len(targets), LOSS_CHUNK_TOKENS))
+               for start in range(0, chunks * LOSS_CHUNK_TOKENS, LOSS_CHUNK_TOKENS))
+
+
+def _most_chunks_of_any_rank(tokens: int, device: torch.device) -> int:
+    """Loss chunks of ``tokens`` supervised tokens (at least one), the maximum over the ranks
+    of a distributed run."""
+    chunks = max(1, -(-tokens // LOSS_CHUNK_TOKENS))
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return chunks
+    most = torch.tensor(chunks, device=device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most)
 
 
 def _cross_entropy_sum(hidden: Tensor, targets: Tensor, head: nn.Module) -> Tensor:

@@ -26,22 +26,28 @@ GATE_PARAMETERS = {"gate": "gates", "write_weight": "write_gates", "write_bias":
 ``memory_write_gate``, the write strength."""
 
 
+DECAYING = (nn.Linear, nn.Embedding)
+"""Modules whose weight (a matrix) decays. Decided by what a parameter is, not by its shape: under
+DeepSpeed ZeRO-3 every parameter the optimizer sees is a 1-D shard, matrices included."""
+
+
 def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
     """``decay``, ``no_decay``, ``gates`` and ``write_gates`` groups (those with parameters),
     each tagged with its name."""
     gates = {id(parameter): GATE_PARAMETERS[name] for module in model.modules()
              if isinstance(module, InfiniAttention)
              for name, parameter in module.named_parameters() if name in GATE_PARAMETERS}
+    decays = {id(module.weight) for module in model.modules() if isinstance(module, DECAYING)}
     groups = {"decay": [], "no_decay": [], "gates": [], "write_gates": []}
     for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
         if id(parameter) in gates:
             groups[gates[id(parameter)]].append(parameter)
-        elif parameter.ndim < 2:  # norm weights and biases
-            groups["no_decay"].append(parameter)
-        else:
+        elif id(parameter) in decays:
             groups["decay"].append(parameter)
+        else:  # norm weights and biases
+            groups["no_decay"].append(parameter)
     settings = {
         "decay": {"weight_decay": optim.weight_decay, "lr": optim.lr},
         "no_decay": {"weight_decay": 0.0, "lr": optim.lr},

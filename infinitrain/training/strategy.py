@@ -1,12 +1,17 @@
 """From a recipe and the machine to Lightning's accelerator, strategy and precision.
 
 Impossible combinations fail here, before any process starts, with the fix in the message:
-DeepSpeed or FSDP without a GPU, fp16 on a CPU, or a ZeRO layout whose weights, gradients and
-optimizer states alone cannot fit the devices.
+FSDP without a GPU, DeepSpeed on a CPU nobody asked for, fp16 on a CPU, or a ZeRO layout whose
+weights, gradients and optimizer states alone cannot fit the devices.
+
+DeepSpeed also runs on CPU processes over gloo when the recipe says ``train.accelerator: cpu``: a
+laptop rehearses a cluster's ZeRO run (sharding, gathers, checkpoints) with the same code path.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +58,12 @@ def plan(recipe: Recipe, parameters: int) -> Plan:
     if accelerator == "gpu" and not gpus:
         raise RecipeError("train.accelerator = gpu: no CUDA GPU is visible here; use cpu or auto")
     if accelerator == "cpu":
-        if train.strategy in ("deepspeed", "fsdp"):
-            raise RecipeError(f"train.strategy = {train.strategy}: needs CUDA GPUs and this run "
-                              "is on the CPU; use auto or ddp (DDP over CPU processes)")
+        if train.strategy == "fsdp":
+            raise RecipeError("train.strategy = fsdp: needs CUDA GPUs and this run is on the CPU; "
+                              "use auto or ddp (DDP over CPU processes)")
+        if train.strategy == "deepspeed" and train.accelerator != "cpu":
+            raise RecipeError("train.strategy = deepspeed: needs CUDA GPUs and none is visible; "
+                              "set train.accelerator=cpu to rehearse it on CPU processes")
         if train.precision == "16-mixed":
             raise RecipeError("train.precision = 16-mixed: fp16 needs a GPU; on a CPU use "
                               "32-true or bf16-mixed")
@@ -73,7 +81,7 @@ def plan(recipe: Recipe, parameters: int) -> Plan:
         if accelerator == "gpu":
             check_fits(parameters, recipe.optim.name, train.deepspeed, world_size,
                        torch.cuda.get_device_properties(0).total_memory)
-        strategy = deepspeed_strategy(recipe)
+        strategy = deepspeed_strategy(recipe, accelerator)
         clip = None
     elif kind == "fsdp":
         strategy = fsdp_strategy()
@@ -157,15 +165,75 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     return {
         "zero_optimization": optimization,
         "zero_allow_untested_optimizer": True,  # torch's AdamW/Adafactor: no CUDA op to compile
+        # With offload_optimizer, DeepSpeed refuses any optimizer but its own compiled CPU Adam;
+        # torch's AdamW/Adafactor step the offloaded float32 states on the CPU just as well
+        # (slower than DeepSpeedCPUAdam, but the recipe's optimizer and its parameter groups).
+        "zero_force_ds_cpu_optimizer": False,
         "gradient_clipping": recipe.optim.grad_clip,
         "train_micro_batch_size_per_gpu": recipe.data.streams,
     }
 
 
-def deepspeed_strategy(recipe: Recipe) -> Any:
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+def deepspeed_strategy(recipe: Recipe, accelerator: str = "gpu") -> Any:
+    """Lightning's DeepSpeed strategy, corrected (see :func:`deepspeed_strategy_classes`); on
+    the CPU, its variant for gloo-connected processes."""
+    gpu, cpu = deepspeed_strategy_classes()
+    if accelerator == "cpu":
+        return cpu(config=deepspeed_config(recipe), process_group_backend="gloo")
+    return gpu(config=deepspeed_config(recipe))
 
-    return DeepSpeedStrategy(config=deepspeed_config(recipe))
+
+@functools.cache
+def deepspeed_strategy_classes() -> tuple[type, type]:
+    """Subclasses of Lightning's DeepSpeedStrategy for GPUs and for CPU processes (built on first
+    use, so that importing this module does not import Lightning).
+
+    Both: Lightning already divides each micro-batch's loss by ``accumulate_grad_batches``, and
+    DeepSpeed's ``engine.backward`` would divide it again by the same number (its
+    ``gradient_accumulation_steps``, which Lightning sets to it); the engine is told not to.
+
+    The CPU one drops Lightning's three CUDA-only assumptions:
+
+    - ``setup_environment`` refuses any accelerator but CUDA; here DeepSpeed is told to use its
+      CPU accelerator instead (on a machine with GPUs it would pick CUDA by itself);
+    - ``setup_distributed`` checks CUDA device indices, which CPU devices do not have;
+    - ``deepspeed.initialize`` gets the device's index as its rank and fails on None; on the CPU
+      each process is its own device, so the local rank stands in.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    from lightning.fabric.utilities.seed import reset_seed
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    class ZeroStrategy(DeepSpeedStrategy):
+        """DeepSpeed ZeRO whose gradients are averaged over accumulated micro-batches once."""
+
+        def backward(self, closure_loss: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("scale_wrt_gas", False)  # Lightning has divided the loss already
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    class CPUZeroStrategy(ZeroStrategy):
+        """DeepSpeed ZeRO over CPU processes connected by gloo."""
+
+        def setup_environment(self) -> None:
+            if get_accelerator().device_name() != "cpu":
+                set_accelerator(CPU_Accelerator())
+            DDPStrategy.setup_environment(self)  # DeepSpeedStrategy's own one refuses the CPU
+
+        def setup_distributed(self) -> None:
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+            engine, optimizer, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank), config=self.config,
+                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False)
+            return engine, optimizer
+
+    return ZeroStrategy, CPUZeroStrategy
 
 
 def fsdp_strategy() -> Any:

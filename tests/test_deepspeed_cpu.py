@@ -1,0 +1,291 @@
+"""DeepSpeed ZeRO-3 on CPU processes over gloo: a laptop rehearses a cluster run.
+
+The real DeepSpeed and Lightning throughout. Two kinds of test: a model built under
+``deepspeed.zero.Init`` in two spawned processes (its weights really are 1-D shards there), and
+`infinitrain pretrain` itself with two ZeRO-3 processes, shrunk to seconds per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import multiprocessing
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+
+from infinitrain.evaluation.training_log import TrainingLog
+from infinitrain.recipe import RecipeError, load_recipe
+from infinitrain.training.strategy import plan
+
+REPO = Path(__file__).resolve().parent.parent
+INFINITRAIN = Path(sys.executable).with_name("infinitrain")
+VOCAB = 4096
+"""The tiny recipe's vocabulary (its bundled tokenizer)."""
+SMALL = ["model.d_model=64", "model.ffn_dim=128", "model.segment_len=32", "data.window_tokens=64",
+         "data.streams=2", "optim.warmup_steps=2", "logging.every_steps=1",
+         "logging.tensorboard=false", "train.strategy=deepspeed", "train.deepspeed.stage=3",
+         "train.accelerator=cpu"]
+CHAPTERS = ["data.sources=[{kind: booksum, files: "
+            "[data/booksum-sample/kmfoda-chapters/test.csv]}]", "data.window_tokens=512",
+            "data.streams=1"]
+"""BookSum chapters (read, then summarised) of different lengths: at most steps the two ranks
+hold different numbers of summary (supervised) tokens."""
+RUN_SECONDS = 240
+"""Far beyond what a run below takes; a run still going then is deadlocked."""
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def pretrain(out_dir: Path, steps: int, overrides: list[str],
+             command: list[str] | None = None) -> None:
+    """Two ZeRO-3 CPU processes (Lightning starts the second) through the CLI, or ``command``."""
+    command = command or [str(INFINITRAIN)]
+    process = subprocess.Popen(
+        [*command, "pretrain", "--recipe", "tiny", "--out-dir", str(out_dir), "--devices", "2",
+         "--max-steps", str(steps), *sets([*SMALL, f"checkpoint.every_steps={steps}",
+                                           *overrides])],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)  # its own group: both ranks go if it hangs
+    try:
+        output = process.communicate(timeout=RUN_SECONDS)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"no end after {RUN_SECONDS} s: the ranks are deadlocked")
+    assert process.returncode == 0, output[-5000:]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    steps, (loss,) = TrainingLog.read(out_dir).points("loss")
+    return dict(zip(steps, loss, strict=True))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _zero3_rank(rank: int, world_size: int, port: int, function: Callable[[], Any],
+                results: Any) -> None:
+    """One process of a gloo world whose DeepSpeed runs on the CPU; rank 0 reports."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import deepspeed
+    from deepspeed.accelerator import set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    set_accelerator(CPU_Accelerator())
+    deepspeed.init_distributed("gloo")
+    result = function()
+    if rank == 0:
+        results.put(result)
+
+
+def in_zero3_processes(function: Callable[[], Any], world_size: int = 2) -> Any:
+    """``function()`` (module-level, so that spawned processes find it) in ``world_size``
+    processes joined by gloo; rank 0's return value."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_zero3_rank,
+                                 args=(rank, world_size, port, function, results))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    try:
+        for _ in range(240):  # a failing process fails the test at once, not after minutes
+            with contextlib.suppress(queue.Empty):
+                result = results.get(timeout=0.5)
+                break
+            assert not any(process.exitcode for process in processes), "a rank failed"
+        else:
+            raise TimeoutError("the ZeRO-3 processes did not finish in 2 minutes")
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    assert all(process.exitcode == 0 for process in processes)
+    return result
+
+
+def build_sharded_model() -> dict[str, Any]:
+    """A tiny model with a write gate built as ZeRO-3 builds it, then its parameters' shapes as
+    the optimizer sees them, its optimizer's groups (parameter names) and its gathered
+    initial weights."""
+    import deepspeed
+
+    from infinitrain.model import InfiniTransformer, preset
+    from infinitrain.recipe import OptimSection
+    from infinitrain.training.optim import build_optimizer
+
+    config = preset("tiny", vocab_size=256, d_model=32, ffn_dim=64, memory_rule="deltanet",
+                    memory_write_gate=True)
+    zero3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    with deepspeed.zero.Init(config_dict_or_path=zero3):
+        model = InfiniTransformer(config)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    optimizer = build_optimizer(model, OptimSection(weight_decay=0.1))
+    groups = {group["name"]: (group["weight_decay"], sorted(names[id(p)] for p in group["params"]))
+              for group in optimizer.param_groups}
+    shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        # Lists: tensors would cross to the parent through shared memory of a finished process.
+        weights = {name: parameter.tolist() for name, parameter in model.named_parameters()}
+    return {"config": config, "groups": groups, "shapes": shapes, "weights": weights}
+
+
+@pytest.fixture(scope="module")
+def sharded_model() -> dict[str, Any]:
+    return in_zero3_processes(build_sharded_model)
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    """The recipe's data paths are relative to the repository."""
+    monkeypatch.chdir(REPO)
+
+
+def test_deepspeed_on_a_cpu_runs_zero_over_gloo_processes():
+    _, recipe = load_recipe("tiny", ["train.strategy=deepspeed", "train.devices=2"])
+    chosen = plan(recipe, parameters=1000)
+    assert (chosen.kind, chosen.accelerator, chosen.world_size) == ("deepspeed", "cpu", 2)
+    assert chosen.strategy._process_group_backend == "gloo"
+    assert chosen.strategy.config["zero_optimization"]["stage"] == 3
+    assert chosen.gradient_clip_val is None  # DeepSpeed's config clips
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks the GPU here")
+def test_deepspeed_without_gpus_asks_for_the_cpu_explicitly():
+    _, recipe = load_recipe("tiny", ["train.strategy=deepspeed", "train.accelerator=auto"])
+    with pytest.raises(RecipeError, match=r"set train\.accelerator=cpu to rehearse"):
+        plan(recipe, parameters=1000)
+
+
+def test_zero3_parameters_are_shards_yet_start_from_the_configured_init(sharded_model):
+    config = sharded_model["config"]
+    weights = {name: torch.tensor(values) for name, values in sharded_model["weights"].items()}
+    assert sharded_model["shapes"]["embed_tokens.weight"] == (0,)  # what the model code sees
+    matrices = [name for name in weights if name.endswith("_proj.weight")]
+    assert len(matrices) == 7 * config.n_layers
+    for name in ["embed_tokens.weight", *matrices]:
+        std = weights[name].std().item()
+        assert abs(std - config.init_std) < 0.2 * config.init_std, (name, std)
+    for name, weight in weights.items():
+        if name.endswith("norm.weight"):
+            assert torch.equal(weight, torch.ones_like(weight)), name
+        elif name.endswith("attn.gate"):
+            assert torch.all(weight == config.gate_init), name
+        elif name.endswith("write_weight"):
+            assert not weight.any(), name
+        elif name.endswith("write_bias"):
+            assert torch.all(weight == config.write_gate_init), name
+
+
+def test_zero3_shards_keep_their_weight_decay(sharded_model):
+    groups, names = sharded_model["groups"], list(sharded_model["weights"])
+    assert set(groups) == {"decay", "no_decay", "gates", "write_gates"}
+    assert groups["decay"] == (0.1, sorted(name for name in names if name.endswith("_proj.weight")
+                                           or name == "embed_tokens.weight"))
+    assert groups["no_decay"] == (0.0, sorted(name for name in names
+                                              if name.endswith("norm.weight")))
+    assert groups["gates"] == (0.0, sorted(name for name in names if name.endswith("attn.gate")))
+    assert groups["write_gates"] == (0.0, sorted(name for name in names
+                                                 if ".write_" in name))
+
+
+def test_zero3_on_two_cpu_processes_starts_from_a_sensible_loss(tmp_path):
+    """From scratch, the first loss is about ln(vocabulary) (8.3), not 124 (std-1 embeddings)."""
+    pretrain(tmp_path / "run", 3, [])
+    curve = losses(tmp_path / "run")
+    assert sorted(curve) == [1, 2, 3]
+    assert curve[1] < math.log(VOCAB) + 1, curve
+    assert (tmp_path / "run" / "step-00000003" / "model.safetensors").exists()
+
+
+def test_ranks_with_different_numbers_of_loss_chunks_do_not_deadlock(tmp_path):
+    """16-token loss chunks: a rank with 100 summary tokens runs the output layer (a ZeRO-3
+    gather) 7 times, one with none would run it once and leave the other waiting forever."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text("import infinitrain.training.module as module\n"
+                        "module.LOSS_CHUNK_TOKENS = 16\n"
+                        "from infinitrain.cli import app\n"
+                        "app(prog_name='infinitrain')\n")
+    pretrain(tmp_path / "run", 6, CHAPTERS, command=[sys.executable, str(launcher)])
+    assert losses(tmp_path / "run")  # some steps did update
+
+
+class _SumOfWeight(LightningModule):
+    """loss = w: every micro-batch's gradient is exactly 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.weight.sum() + 0 * batch.sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([self.weight], lr=0.1)
+
+
+def _one_accumulated_step(results: Any) -> None:
+    """Two micro-batches accumulated into one SGD step by the run's own DeepSpeed strategy (one
+    CPU process, Lightning sets up the process group); the weight after it."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    import deepspeed
+    from lightning.pytorch import Trainer
+
+    _, recipe = load_recipe("tiny", ["train.strategy=deepspeed", "optim.grad_clip=0"])
+    chosen = plan(recipe, parameters=4)
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=chosen.strategy, max_epochs=1,
+                      accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    module = _SumOfWeight()
+    trainer.fit(module, torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=1))
+    with deepspeed.zero.GatheredParameters([module.weight]):
+        results.put(module.weight.detach().tolist())
+
+
+def test_accumulated_gradients_are_averaged_once_under_deepspeed():
+    """Lightning divides each micro-batch's loss by train.accumulate; DeepSpeed's engine must
+    not divide again (the update would shrink by the accumulation factor)."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_one_accumulated_step, args=(results,))
+    process.start()
+    try:
+        weight = results.get(timeout=120)
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+    # Mean gradient 1 over the two micro-batches, SGD lr 0.1: one step to -0.1.
+    assert weight == pytest.approx([-0.1] * 4)
+
+
+def test_zero3_offloading_optimizer_and_parameters_trains_with_the_recipes_optimizer(tmp_path):
+    """DeepSpeed refuses a client optimizer with ZeRO-Offload unless told it may have one."""
+    pretrain(tmp_path / "run", 2, ["train.deepspeed.offload_optimizer=true",
+                                   "train.deepspeed.offload_parameters=true"])
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
