@@ -288,5 +288,5 @@ def test_a_passkey_source_too_short_for_a_prompt_fails_in_one_line(tmp_path: Pat
     """It was a traceback from deep in the data pipeline."""
     result = invoke("pretrain", "--recipe", "passkey-tiny", "--out-dir", str(tmp_path / "run"),
                     "--set", "data.sources.0.passkey_length_min=80")
-    one_line_error(result, "passkey (80–249 tokens): passkey length = 80 tokens: too short")
+    one_line_error(result, "passkey (80–127 tokens): passkey length = 80 tokens: too short")
     assert "raise passkey_length_min" in result.stderr
