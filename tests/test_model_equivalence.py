@@ -145,7 +145,7 @@ def test_attention_matches_paper_reference(rule: str, kv_heads: int) -> None:
     randomise_gates(attn)
     x = torch.randn(2, 4 * cfg.segment_len, cfg.d_model)
     state = LayerState.empty(2, cfg.n_kv_heads, cfg.head_dim, None, torch.float32)
-    ours, _ = attn(x, state)
+    ours, _, _ = attn(x, state)
     assert torch.allclose(ours, reference_attention(attn, x), atol=1e-5)
 
 
@@ -270,11 +270,11 @@ def test_memory_never_sees_the_current_segment() -> None:
     attn = InfiniAttention(cfg)
     x = torch.randn(1, 2 * cfg.segment_len, cfg.d_model)
     state = LayerState.empty(1, cfg.n_kv_heads, cfg.head_dim, None, torch.float32)
-    out, _ = attn(x, state)
+    out, _, _ = attn(x, state)
     n = cfg.segment_len
     assert torch.equal(out[:, :n], torch.zeros_like(out[:, :n]))  # empty memory reads zeros
     changed = x.clone()
     changed[:, n + 3] += 1.0  # a later token of the second segment
-    out2, _ = attn(changed, state)
+    out2, _, _ = attn(changed, state)
     others = [t for t in range(n, 2 * n) if t != n + 3]  # t = n + 3 reads with a new query
     assert torch.equal(out2[:, others], out[:, others])

@@ -131,20 +131,20 @@ def test_gradient_flows_through_memory_writes_and_stops_at_detach() -> None:
     empty = LayerState.empty(1, cfg.n_kv_heads, cfg.head_dim, None, torch.float32)
 
     x = torch.randn(1, 3 * n, cfg.d_model, requires_grad=True)
-    out, _ = attn(x, empty)
+    out, _, _ = attn(x, empty)
     out[:, 2 * n:].sum().backward()  # loss on segment 3 only
     assert x.grad[:, :n].abs().sum() > 0  # segment 1 reaches it, through memory alone
     assert attn.k_proj.weight.grad.abs().sum() > 0 and attn.v_proj.weight.grad.abs().sum() > 0
 
     x.grad = None
-    out, _ = attn(x, empty, use_memory=False)
+    out, _, _ = attn(x, empty, use_memory=False)
     out[:, 2 * n:].sum().backward()
     assert torch.equal(x.grad[:, :n], torch.zeros_like(x.grad[:, :n]))  # control
 
     first = torch.randn(1, n, cfg.d_model, requires_grad=True)
     rest = torch.randn(1, 2 * n, cfg.d_model)
-    _, state = attn(first, empty)
-    out, _ = attn(rest, InfiniState([state]).detach().layers[0])
+    _, state, _ = attn(first, empty)
+    out, _, _ = attn(rest, InfiniState([state]).detach().layers[0])
     out.sum().backward()
     assert first.grad is None  # truncated BPTT boundary
 
@@ -264,8 +264,8 @@ def test_tokens_the_clamped_write_gate_closes_leave_the_memory_exactly_alone(act
     filler = segments(40, 1.0)
     empty = LayerState.empty(1, cfg.n_kv_heads, d, None, torch.float32)
     with torch.no_grad():
-        short, short_state = attn(torch.cat([needle, filler[:, :n], query], dim=1), empty)
-        long, long_state = attn(torch.cat([needle, filler, query], dim=1), empty)
+        short, short_state, _ = attn(torch.cat([needle, filler[:, :n], query], dim=1), empty)
+        long, long_state, _ = attn(torch.cat([needle, filler, query], dim=1), empty)
     same_read = torch.equal(short[:, -n:], long[:, -n:])
     same_memory = torch.equal(short_state.memory, long_state.memory)
     if activation == "clamp":

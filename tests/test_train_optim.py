@@ -105,3 +105,23 @@ def test_a_rank_without_targets_still_reaches_every_head_parameter():
     loss.backward()
     assert loss.item() == 0.0
     assert head.weight.grad is not None and not head.weight.grad.any()
+
+
+def test_the_write_gate_schedule_waits_for_its_step_and_the_loss_average():
+    from infinitrain.recipe import OptimSection
+    from infinitrain.training.write_gate import WriteGateSchedule
+
+    gate = WriteGateSchedule(OptimSection(write_gate_from_step=5, write_gate_below_loss=1.0,
+                                          write_penalty=0.5))
+    assert not gate.trains(10) and gate.penalty_weight(10) == 0.0  # threshold not met yet
+    assert not gate.observe(2.0, step=1)
+    assert not gate.observe(0.1, step=2)  # average 1.81: one low loss is not enough
+    starts = [step for step in range(3, 40) if gate.observe(0.1, step)]
+    assert starts == [gate.start] and gate.start >= 5  # never before write_gate_from_step
+    assert gate.loss_average < 1.0
+    assert gate.trains(gate.start) and not gate.trains(4)  # never before from_step
+    assert gate.penalty_weight(gate.start) == 0.5
+    restored = WriteGateSchedule(OptimSection(write_gate_from_step=5, write_gate_below_loss=1.0))
+    restored.load_state_dict(gate.state_dict())
+    assert (restored.start, restored.loss_average) == (gate.start, gate.loss_average)
+    assert WriteGateSchedule(OptimSection(write_gate_from_step=3)).trains(3)  # no threshold

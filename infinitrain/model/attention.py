@@ -112,19 +112,18 @@ class InfiniAttention(nn.Module):
             self.write_bias = nn.Parameter(torch.full((h_kv,), float(config.write_gate_init)))
             """Write strength β_t = sigmoid or clamp of k_t·w + b per key/value head, from the
             token's own key."""
-            self.last_write_cost: Tensor | None = None
-            """The last training forward's :meth:`write_cost`, with its graph, for the loss."""
 
     def forward(self, x: Tensor, state: LayerState, reset: Tensor | None = None,
-                use_memory: bool = True) -> tuple[Tensor, LayerState]:
+                use_memory: bool = True) -> tuple[Tensor, LayerState, Tensor | None]:
+        """(output, new state, write cost): the cost is :meth:`write_cost` of this chunk's keys
+        while training with the write gate (for ``optim.write_penalty``), else None."""
         b, t, _ = x.shape
         cfg = self.config
         q = self.q_proj(x).view(b, t, cfg.n_heads, cfg.head_dim)
         k = self.k_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim)
         memory = self.has_memory and use_memory  # the memory-disabled baseline skips it all
-        if self.training and memory and cfg.memory_write_gate:
-            self.last_write_cost = self.write_cost(k)
+        cost = self.write_cost(k) if self.training and memory and cfg.memory_write_gate else None
 
         n = cfg.segment_len
         cached = state.keys.shape[1]
@@ -157,7 +156,7 @@ class InfiniAttention(nn.Module):
             mixed = g * retrieved + (1 - g) * local.float()
         else:
             mixed = local
-        return self.o_proj(mixed.to(x.dtype).reshape(b, t, -1)), state
+        return self.o_proj(mixed.to(x.dtype).reshape(b, t, -1)), state, cost
 
     def features(self, x: Tensor) -> Tensor:
         """σ of queries or keys as this layer's memory reads and writes them."""

@@ -24,10 +24,11 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.d_model, config.ffn_dim)
 
     def forward(self, x: Tensor, state: LayerState, reset: Tensor | None,
-                use_memory: bool) -> tuple[Tensor, LayerState]:
-        attended, state = self.attn(self.attn_norm(x), state, reset, use_memory)
+                use_memory: bool) -> tuple[Tensor, LayerState, Tensor | None]:
+        """(output, new state, the attention's write cost or None)."""
+        attended, state, write_cost = self.attn(self.attn_norm(x), state, reset, use_memory)
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x)), state
+        return x + self.mlp(self.mlp_norm(x)), state, write_cost
 
 
 class InfiniTransformer(nn.Module):
@@ -98,6 +99,15 @@ class InfiniTransformer(nn.Module):
                       use_memory: bool = True) -> tuple[Tensor, InfiniState]:
         """Final normalised hidden states [B, T, d_model]: ``forward`` without the output layer,
         for losses that apply it to supervised positions only."""
+        hidden, state, _ = self.hidden_states_and_write_cost(input_ids, state, reset, use_memory)
+        return hidden, state
+
+    def hidden_states_and_write_cost(
+            self, input_ids: Tensor, state: InfiniState | None = None, reset: Tensor | None = None,
+            use_memory: bool = True) -> tuple[Tensor, InfiniState, Tensor | None]:
+        """:meth:`hidden_states` and, while training with ``memory_write_gate``, the mean
+        :meth:`InfiniAttention.write_cost` over the layers with memory, with its graph: what
+        ``optim.write_penalty`` adds to the loss. None otherwise."""
         batch, length = input_ids.shape
         if state is None:
             state = self.empty_state(batch, input_ids.device)
@@ -109,23 +119,18 @@ class InfiniTransformer(nn.Module):
                 raise ValueError(f"reset has shape {tuple(reset.shape)}; expected ({batch}, "
                                  f"{starts}): one flag per segment starting in this chunk")
         x = self.embed_tokens(input_ids)
-        new_layers = []
+        new_layers, costs = [], []
         for block, layer_state in zip(self.layers, state.layers, strict=True):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, layer_state = checkpoint(block, x, layer_state, reset, use_memory,
-                                            use_reentrant=False)
+                x, layer_state, cost = checkpoint(block, x, layer_state, reset, use_memory,
+                                                  use_reentrant=False)
             else:
-                x, layer_state = block(x, layer_state, reset, use_memory)
+                x, layer_state, cost = block(x, layer_state, reset, use_memory)
             new_layers.append(layer_state)
-        return self.norm(x), InfiniState(new_layers)
-
-    def write_cost(self) -> Tensor:
-        """Mean :meth:`InfiniAttention.write_cost` of the last training forward over the layers
-        with memory: what ``optim.write_penalty`` adds to the loss (needs ``memory_write_gate``)."""
-        costs = [block.attn.last_write_cost for block in self.layers if block.attn.has_memory]
-        if any(cost is None for cost in costs):
-            raise RuntimeError("write_cost: no training forward with model.memory_write_gate yet")
-        return torch.stack(costs).mean()
+            if cost is not None:
+                costs.append(cost)
+        write_cost = torch.stack(costs).mean() if costs else None
+        return self.norm(x), InfiniState(new_layers), write_cost
 
     def memory_gates(self) -> Tensor:
         """sigmoid(β) per layer and query head: [n_layers, n_heads]; 1 = memory, 0 = local

@@ -33,6 +33,7 @@ from ..recipe import Recipe
 from .checkpoint import load_rank_streams
 from .optim import build_optimizer, build_scheduler
 from .weights import load_initial_weights
+from .write_gate import WriteGateSchedule
 
 OPTIM_HYPERPARAMETERS = ("betas", "eps", "weight_decay")
 """Per-group optimizer settings besides the learning rate that a restored state carries."""
@@ -77,9 +78,7 @@ class StreamingLM(LightningModule):
         self.data_position: dict | None = None
         """The data position right after the last consumed window."""
         self._update_pending = False
-        self.write_gate_start: int | None = None
-        """The step at which the write gate began training under optim.write_gate_below_loss."""
-        self._loss_average: float | None = None
+        self.write_gate = WriteGateSchedule(recipe.optim)
         self.nonfinite_in_a_row = 0
         """Consecutive steps skipped for a non-finite loss or gradient norm."""
 
@@ -114,16 +113,18 @@ class StreamingLM(LightningModule):
             self.streams = state
             # A leaf: backward touches no parameter, so no strategy communicates or updates.
             return torch.zeros((), device=self.device, requires_grad=True)
-        hidden, state = self.model.hidden_states(window.input_ids, self.streams, window.reset)
+        hidden, state, write_cost = self.model.hidden_states_and_write_cost(
+            window.input_ids, self.streams, window.reset)
         self.streams = state.detach()  # the truncation point of truncated BPTT
         loss_sum = supervised_loss_sum(hidden, window.labels, self.model.lm_head)
         # Mean over every supervised token of every rank once DDP averages the gradients.
         loss = loss_sum * (self.trainer.world_size / targets)
         self._update_pending = True
         self.log("loss", loss.detach(), prog_bar=True, sync_dist=self.trainer.world_size > 1)
-        if self.model.config.memory_write_gate:
+        if write_cost is not None:
             self._watch_loss(loss)
-            loss = loss + self._write_penalty()
+            self.log("write_cost", write_cost.detach())
+            loss = loss + self.write_gate.penalty_weight(self.global_step) * write_cost
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return loss
 
@@ -131,7 +132,7 @@ class StreamingLM(LightningModule):
         """Drop a frozen write gate's gradients (its lr is 0 anyway), so that they do not count
         in gradient clipping and shrink every other update: until the gate starts, the run is the
         run without a gate. (Under DeepSpeed, which clips inside its engine, they still count.)"""
-        if self.model.config.memory_write_gate and not self._write_gate_trains(self.global_step):
+        if self.model.config.memory_write_gate and not self.write_gate.trains(self.global_step):
             for group in optimizer.param_groups:
                 if group["name"] == "write_gates":
                     for parameter in group["params"]:
@@ -139,37 +140,24 @@ class StreamingLM(LightningModule):
 
     def _schedule(self, optimizer) -> LambdaLR:
         return build_scheduler(optimizer, self.recipe.optim, self.recipe.train.max_steps,
-                               self._write_gate_trains)
-
-    def _write_gate_trains(self, step: int) -> bool:
-        optim = self.recipe.optim
-        if step < optim.write_gate_from_step:
-            return False
-        return not optim.write_gate_below_loss or self.write_gate_start is not None
+                               self.write_gate.trains)
 
     def _watch_loss(self, loss: Tensor) -> None:
-        """Start the write gate once the loss's moving average (every rank's) falls below
-        optim.write_gate_below_loss; the scheduler opens its lr from the next step."""
-        optim = self.recipe.optim
-        if not optim.write_gate_below_loss or self.write_gate_start is not None:
+        """Give the write gate's schedule this step's loss (every rank's mean), when it waits
+        for a loss threshold."""
+        gate = self.write_gate
+        if not gate.below_loss or gate.start is not None:
             return
         value = float(self.trainer.strategy.reduce(loss.detach(), reduce_op="mean"))
-        average = self._loss_average
-        self._loss_average = value if average is None else 0.9 * average + 0.1 * value
-        if (self._loss_average < optim.write_gate_below_loss
-                and self.global_step >= optim.write_gate_from_step):
-            self.write_gate_start = self.global_step
-            self.print(f"step {self.global_step}: loss average {self._loss_average:.3f} < "
-                       f"{optim.write_gate_below_loss}: the write gate starts training")
+        if gate.observe(value, self.global_step):
+            self.print(f"step {self.global_step}: loss average {gate.loss_average:.3f} < "
+                       f"{gate.below_loss}: the write gate starts training")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["write_gate"] = {"start": self.write_gate_start,
-                                    "loss_average": self._loss_average}
+        checkpoint["write_gate"] = self.write_gate.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("write_gate", {})
-        self.write_gate_start = saved.get("start")
-        self._loss_average = saved.get("loss_average")
+        self.write_gate.load_state_dict(checkpoint.get("write_gate", {}))
         if self.apply_optim_changes:
             self._apply_recipe_optim(checkpoint)
 
@@ -188,14 +176,6 @@ class StreamingLM(LightningModule):
             saved.update({key: group[key] for key in OPTIM_HYPERPARAMETERS if key in group},
                          initial_lr=group["initial_lr"], lr=lr)
         scheduler.update(base_lrs=bases, _last_lr=lrs)
-
-    def _write_penalty(self) -> Tensor:
-        """optim.write_penalty × the mean write strength of this window, while the write gate
-        trains (before, it would push the keys of a warm-started gate that cannot move)."""
-        cost = self.model.write_cost()
-        self.log("write_cost", cost.detach())
-        trains = self._write_gate_trains(self.global_step)
-        return (self.recipe.optim.write_penalty if trains else 0.0) * cost
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Update the weights only if some window since the last update had supervised tokens."""

@@ -1,0 +1,55 @@
+"""When the memory's write gate trains: the curriculum of ``optim.write_gate_from_step`` and
+``optim.write_gate_below_loss``.
+
+Until the gate starts, every token writes at ``model.write_gate_init``'s strength and the gate's
+learning rate is 0, so the task's circuit forms as in a model without a gate; a write penalty
+before then could close every write while the loss has no reason yet to keep any. With a loss
+threshold, the start waits for the training loss's moving average to fall below it, since when
+the circuit forms varies between runs by hundreds of steps (docs/memory-length.md §11).
+"""
+
+from __future__ import annotations
+
+from ..recipe import OptimSection
+
+
+class WriteGateSchedule:
+    """Whether the write gate trains at a step; the state a checkpoint saves and restores."""
+
+    def __init__(self, optim: OptimSection) -> None:
+        self.from_step = optim.write_gate_from_step
+        self.below_loss = optim.write_gate_below_loss
+        self.penalty = optim.write_penalty
+        self.start: int | None = None
+        """The step at which the loss threshold was met (None: not yet, or no threshold)."""
+        self.loss_average: float | None = None
+
+    def trains(self, step: int) -> bool:
+        if step < self.from_step:
+            return False
+        return not self.below_loss or self.start is not None
+
+    def penalty_weight(self, step: int) -> float:
+        """``optim.write_penalty`` while the gate trains, else 0: before, the penalty would push
+        the keys of a warm-started gate that cannot move."""
+        return self.penalty if self.trains(step) else 0.0
+
+    def observe(self, loss: float, step: int) -> bool:
+        """Take the loss of ``step`` (the same on every rank); True if the gate starts now (its
+        learning rate opens from the next step)."""
+        if not self.below_loss or self.start is not None:
+            return False
+        average = self.loss_average
+        # about ten steps (0.1, not 1 - 0.9, which rounds differently and would move the start)
+        self.loss_average = loss if average is None else 0.9 * average + 0.1 * loss
+        if self.loss_average < self.below_loss and step >= self.from_step:
+            self.start = step
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"start": self.start, "loss_average": self.loss_average}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.start = saved.get("start")
+        self.loss_average = saved.get("loss_average")
