@@ -13,7 +13,8 @@ runs/NAME/                          a run directory (checkpoint.out_dir, --out-d
     streams/                        STREAMS_DIR: each rank's memories and data position
     checkpoint.json                 MANIFEST_FILE: every file's size and SHA-256, written last
   .tmp-step-00000300/               TMP_STEP_PREFIX: a checkpoint being written
-  logs/tensorboard/, logs/csv/      LOG_DIR, TENSORBOARD_DIR, CSV_DIR
+  logs/tensorboard/                 LOG_DIR, TENSORBOARD_DIR
+  logs/csv/from-step-00000000/      CSV_DIR, csv_version(0): one CSV log per invocation
 ```
 
 Formats defined by others keep their own names where they are written: a Hugging Face export's
@@ -38,8 +39,14 @@ MANIFEST_FILE = "checkpoint.json"
 LOG_DIR = Path("logs")
 TENSORBOARD_DIR = "tensorboard"
 CSV_DIR = "csv"
+CSV_VERSION_PREFIX = "from-step-"
 
 
 def step_name(step: int) -> str:
     """The checkpoint directory of an optimizer step: step-00000300."""
     return f"{STEP_PREFIX}{step:08d}"
+
+
+def csv_version(start_step: int) -> str:
+    """The CSV log folder of the invocation that starts at ``start_step``: from-step-00000000."""
+    return f"{CSV_VERSION_PREFIX}{start_step:08d}"

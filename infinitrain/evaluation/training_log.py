@@ -16,17 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..layout import CSV_DIR, LOG_DIR
+from ..layout import CSV_DIR, CSV_VERSION_PREFIX, LOG_DIR
 
 CSV_LOGS = LOG_DIR / CSV_DIR
 
-_FOLDER = re.compile(r"from-step-(\d+)")
+_FOLDER = re.compile(CSV_VERSION_PREFIX + r"(\d+)")
 _GATE_MEAN = re.compile(r"gates/(layer_\d+)/mean")
-
-
-def csv_version(start_step: int) -> str:
-    """The CSV log folder of the invocation that starts at ``start_step`` (read back by _FOLDER)."""
-    return f"from-step-{start_step:08d}"
 
 
 class TrainingLogError(ValueError):

@@ -16,9 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from ..data import Tokenizer, load_tokenizer
 from ..evaluation.options import human_bytes, human_count
-from ..evaluation.training_log import csv_version
 from ..inference.loading import resolve_model_path
-from ..layout import CSV_DIR, LOG_DIR, RECIPE_FILE, TENSORBOARD_DIR, TRAINER_STATE
+from ..layout import CSV_DIR, LOG_DIR, RECIPE_FILE, TENSORBOARD_DIR, TRAINER_STATE, csv_version
 from ..model import InfiniTransformer, ModelConfig
 from ..model_dir import tokenizer_path
 from ..recipe import LoggingSection, Recipe, RecipeError, parse_recipe
