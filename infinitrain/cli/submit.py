@@ -18,7 +18,7 @@ from rich.console import Console
 
 from ..slurm import SIGNAL_SECONDS
 from .output import fail
-from .train import OutDirOption, RecipeOption, SetOption, _overrides
+from .train import OutDirOption, RecipeOption, SetOption, recipe_overrides
 
 stdout = Console(soft_wrap=True, highlight=False)
 stderr = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -74,7 +74,8 @@ def submit(
     )
 
     with reported():
-        name, loaded = load_recipe(recipe, _overrides(sets, num_nodes=nodes, out_dir=out_dir))
+        name, loaded = load_recipe(recipe, recipe_overrides(sets, num_nodes=nodes,
+                                                            out_dir=out_dir))
         if time is not None:
             check_time_limit(time)
         tasks, gpus = tasks_per_node(loaded, gpus_per_node)

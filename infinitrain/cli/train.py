@@ -72,7 +72,7 @@ def reported() -> Iterator[None]:
         fail(str(error))
 
 
-def _overrides(sets: list[str] | None, **options: object) -> list[str]:
+def recipe_overrides(sets: list[str] | None, **options: object) -> list[str]:
     """Command-line options as recipe overrides, after the --set ones (options win)."""
     fields = {"seed": "train.seed", "devices": "train.devices", "num_nodes": "train.num_nodes",
               "out_dir": "checkpoint.out_dir", "init": "model.init"}
@@ -200,7 +200,8 @@ def pretrain(
     apply_optim_changes: ApplyOptimOption = False,
 ) -> None:
     """Train a model from a recipe (from scratch, or continually from model.init)."""
-    overrides = _overrides(sets, seed=seed, devices=devices, num_nodes=num_nodes, out_dir=out_dir)
+    overrides = recipe_overrides(sets, seed=seed, devices=devices, num_nodes=num_nodes,
+                                 out_dir=out_dir)
     _run(recipe, overrides, resume, max_steps, dry_run, need_init=False,
          apply_optim_changes=apply_optim_changes)
 
@@ -221,8 +222,8 @@ def finetune(
     apply_optim_changes: ApplyOptimOption = False,
 ) -> None:
     """Fine-tune trained weights on a recipe's task (fresh optimizer and schedule)."""
-    overrides = _overrides(sets, seed=seed, devices=devices, num_nodes=num_nodes, out_dir=out_dir,
-                           init=init)
+    overrides = recipe_overrides(sets, seed=seed, devices=devices, num_nodes=num_nodes,
+                                 out_dir=out_dir, init=init)
     _run(recipe, overrides, resume, max_steps, dry_run, need_init=True,
          apply_optim_changes=apply_optim_changes)
 
