@@ -8,15 +8,13 @@ Commands parse and check their options, load the model, call the library showing
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from .output import fail
+from .output import reported
 
 stdout = Console()
 stderr = Console(stderr=True, soft_wrap=True)
@@ -32,25 +30,6 @@ WindowOption = Annotated[int, typer.Option(
     "less memory; results do not depend on it.")]
 JsonOption = Annotated[Path | None, typer.Option("--json", help="Write results and settings here.")]
 PlotOption = Annotated[Path | None, typer.Option("--plot", help="Write a PNG figure here.")]
-
-
-class UsageError(Exception):
-    """A user mistake: reported as one line, exit status 2."""
-
-
-@contextlib.contextmanager
-def reported(option: str | None = None) -> Iterator[None]:
-    """Turn input errors into one ``Error:`` line, prefixed with ``option``.
-
-    Wraps only the code that checks user input (options, model, tokenizer, data, state files),
-    where the library's ValueError and OSError subclasses (OptionError, ModelDirError,
-    DataSourceError, StateFileError, …) all mean a bad value.
-    """
-    try:
-        yield
-    except (UsageError, ValueError, OSError) as error:
-        message = str(error) if option is None else f"{option} {error}"
-        fail(message)
 
 
 def load_for_command(path: Path, device: str, dtype: str, need_tokenizer: bool = True):

@@ -15,14 +15,13 @@ from .common import (
     JsonOption,
     ModelOption,
     PlotOption,
-    UsageError,
     WindowOption,
     load_for_command,
-    reported,
     stderr,
     stdout,
     written,
 )
+from .output import UsageError, reported
 from .progress import progress
 
 eval_app = typer.Typer(name="eval", no_args_is_help=True,

@@ -6,8 +6,6 @@ line and exit status 2, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -18,22 +16,13 @@ from rich.table import Table
 from ..evaluation.options import human_bytes
 from ..model.config import ModelConfig
 from ..model.memory import RULES
-from .output import fail
+from .output import reported
 
 export_app = typer.Typer(name="export", no_args_is_help=True,
                          help="Export a checkpoint to another format.")
 import_app = typer.Typer(name="import", no_args_is_help=True,
                          help="Import weights from another format.")
 stdout = Console()
-
-
-@contextlib.contextmanager
-def reported() -> Iterator[None]:
-    """Turn the library's input errors (ValueError and OSError subclasses) into one line."""
-    try:
-        yield
-    except (ValueError, OSError) as error:
-        fail(str(error))
 
 
 @export_app.command("hf")

@@ -12,15 +12,13 @@ from .common import (
     DeviceOption,
     DtypeOption,
     ModelOption,
-    UsageError,
     WindowOption,
     load_for_command,
-    reported,
     stderr,
     stdout,
     written,
 )
-from .output import counted
+from .output import UsageError, counted, reported
 from .progress import progress
 
 # ----------------------------------------------------------------------------------------------

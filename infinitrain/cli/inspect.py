@@ -14,11 +14,11 @@ from .common import (
     ModelOption,
     PlotOption,
     load_for_command,
-    reported,
     stderr,
     stdout,
     written,
 )
+from .output import reported
 from .progress import progress
 
 inspect_app = typer.Typer(name="inspect", no_args_is_help=True,

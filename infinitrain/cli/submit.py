@@ -7,9 +7,7 @@ Every user mistake ends in one ``Error:`` line, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -17,24 +15,20 @@ import typer
 from rich.console import Console
 
 from ..slurm import SIGNAL_SECONDS
-from .output import fail
+from .output import reported
 from .train import OutDirOption, RecipeOption, SetOption, recipe_overrides
 
 stdout = Console(soft_wrap=True, highlight=False)
 stderr = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
-@contextlib.contextmanager
-def reported() -> Iterator[None]:
-    """Mistakes in the recipe or the job → one line, exit status 2. (Not `pretrain`'s: that one
-    imports the trainer, seconds a submission does not need.)"""
+def submit_errors() -> tuple[type[BaseException], ...]:
+    """The typed errors of a submission (not `pretrain`'s list: that one imports the trainer,
+    seconds a submission does not need)."""
     from ..recipe import RecipeError
     from ..slurm import SubmitError
 
-    try:
-        yield
-    except (RecipeError, SubmitError) as error:
-        fail(str(error))
+    return RecipeError, SubmitError
 
 
 def submit(
@@ -73,7 +67,7 @@ def submit(
         tasks_per_node,
     )
 
-    with reported():
+    with reported(errors=submit_errors()):
         name, loaded = load_recipe(recipe, recipe_overrides(sets, num_nodes=nodes,
                                                             out_dir=out_dir))
         if time is not None:

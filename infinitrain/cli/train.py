@@ -7,8 +7,6 @@ this invocation stops. Every user mistake ends in one ``Error:`` line, never a t
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..evaluation.options import human_bytes, human_count
-from .output import counted, fail, print_yaml
+from .output import counted, fail, print_yaml, reported
 
 stdout = Console()
 
@@ -53,9 +51,9 @@ ApplyOptimOption = Annotated[bool, typer.Option(
     "the checkpoint's (a resume with changed values is refused without this).")]
 
 
-@contextlib.contextmanager
-def reported() -> Iterator[None]:
-    """User mistakes in recipes, data, tokenizers and checkpoints → one line, exit status 2."""
+def training_errors() -> tuple[type[BaseException], ...]:
+    """User mistakes in recipes, data, tokenizers and checkpoints, and runs that cannot go on
+    (diverged, locked, disk full): the typed errors a training command reports in one line."""
     from ..data import DataSourceError, TokenizerError
     from ..model import ConfigError
     from ..model_dir import ModelDirError
@@ -65,11 +63,8 @@ def reported() -> Iterator[None]:
     from ..training.run_lock import RunLockError
     from ..training.saving import CheckpointWriteError
 
-    try:
-        yield
-    except (RecipeError, ConfigError, DataSourceError, TokenizerError, ModelDirError,
-            ResumeError, RunLockError, NonFiniteError, CheckpointWriteError) as error:
-        fail(str(error))
+    return (RecipeError, ConfigError, DataSourceError, TokenizerError, ModelDirError, ResumeError,
+            RunLockError, NonFiniteError, CheckpointWriteError)
 
 
 def recipe_overrides(sets: list[str] | None, **options: object) -> list[str]:
@@ -88,7 +83,7 @@ def _run(recipe_ref: str, overrides: list[str], resume: str | None, max_steps: i
     from ..training.run import summarize, train
     from ..training.strategy import check_host_memory
 
-    with reported():
+    with reported(errors=training_errors()):
         name, recipe = load_recipe(recipe_ref, overrides)
         if need_init and recipe.model.init is None:
             raise RecipeError("finetune needs weights to start from: pass --init CHECKPOINT (a "
@@ -252,7 +247,7 @@ def show_recipe(
     from ..recipe import dump_recipe, load_recipe
     from ..recipe.loading import recipe_text
 
-    with reported():
+    with reported(errors=training_errors()):
         text = dump_recipe(load_recipe(name)[1]) if resolved else recipe_text(name)[1]
     print_yaml(text)
 
@@ -265,7 +260,7 @@ def copy_recipe(
     """Write a recipe, comments included, to a new file to edit and run with --recipe PATH."""
     from ..recipe.loading import recipe_text
 
-    with reported():
+    with reported(errors=training_errors()):
         text = recipe_text(name)[1]
     try:
         with path.open("x", encoding="utf-8") as file:  # "x": never overwrite the user's file
