@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,24 @@ def test_relative_links_in_the_documentation_resolve(document):
                if not re.match(r"[a-z]+:", target) and not target.startswith("#")
                and not (document.parent / target.split("#")[0]).exists()]
     assert not missing, f"{document.relative_to(REPO)} links to missing files: {missing}"
+
+
+def test_training_and_the_gpu_benchmark_import_without_the_evaluation_extras():
+    """A bare torch + lightning GPU image has no ROUGE, lm-eval, datasets or W&B: training and
+    benchmarks/gpu.py must import without them (they once came in through evaluation/__init__)."""
+    code = textwrap.dedent("""
+        import importlib.abc, importlib.util, sys
+        ABSENT = {"rouge_score", "nltk", "lm_eval", "datasets", "wandb", "deepspeed", "flash_attn"}
+        class Absent(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ABSENT:
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+        sys.meta_path.insert(0, Absent())
+        import infinitrain.training
+        spec = importlib.util.spec_from_file_location("gpu_benchmark", "benchmarks/gpu.py")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        print("imported")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
