@@ -184,6 +184,21 @@ class InfiniAttention(nn.Module):
             return F.relu(logits).mean()
         return torch.sigmoid(logits).mean()
 
+    def _local(self, q: Tensor, keys: Tensor, values: Tensor, context_keys: Tensor,
+               context_values: Tensor, visible: Tensor) -> Tensor:
+        """Local attention of one piece of every segment: queries q [b, L_q, H_q, d] are the
+        last L_q of keys/values [b, L, H_kv, d] (keys before RoPE), which also read the overlap
+        context [b, w, H_kv, d] where ``visible`` [b, w]. RoPE positions run from −w (the
+        context) to L − 1, so a segment always starts at 0; the context's width is read from it,
+        so it is w before the first segment is complete and model.local_overlap after."""
+        w, total = context_keys.shape[1], keys.shape[1]
+        positions = torch.arange(-w, total, device=q.device)
+        inv_freq = rope_frequencies(self.config, q.device)
+        seen_keys, seen_values, key_mask = with_context(keys, values, context_keys,
+                                                        context_values, visible)
+        return local_attention(apply_rope(q, positions[w + total - q.shape[1]:], inv_freq),
+                               apply_rope(seen_keys, positions, inv_freq), seen_values, key_mask)
+
     def _segments(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState,
                   reset: Tensor | None,
                   memory: bool) -> tuple[tuple[Tensor, Tensor | None], LayerState]:
@@ -194,15 +209,9 @@ class InfiniAttention(nn.Module):
         s = t // n
         keys, values = k.view(b, s, n, -1, d), v.view(b, s, n, -1, d)
         context_keys, context_values, visible = segment_contexts(keys, values, state, reset, w)
-        positions = torch.arange(-w, n, device=q.device)
-        inv_freq = rope_frequencies(self.config, q.device)
-        seen_keys, seen_values, key_mask = with_context(
-            keys.flatten(0, 1), values.flatten(0, 1), context_keys.flatten(0, 1),
-            context_values.flatten(0, 1), visible.flatten(0, 1))
-        local = local_attention(
-            apply_rope(q.reshape(b * s, n, h_q, d), positions[w:], inv_freq),
-            apply_rope(seen_keys, positions, inv_freq), seen_values, key_mask,
-        ).reshape(b, t, h_q, d)
+        local = self._local(q.reshape(b * s, n, h_q, d), keys.flatten(0, 1), values.flatten(0, 1),
+                            context_keys.flatten(0, 1), context_values.flatten(0, 1),
+                            visible.flatten(0, 1)).reshape(b, t, h_q, d)
         new_state = closing_segment(state, keys[:, -1], values[:, -1], w)
         if not memory:
             return (local, None), new_state
@@ -232,16 +241,9 @@ class InfiniAttention(nn.Module):
             visible = visible & ~reset[:, None]
         keys = torch.cat([state.keys, k], dim=1)
         values = torch.cat([state.values, v], dim=1)
-        w, total, length = state.context_keys.shape[1], keys.shape[1], q.shape[1]
-        positions = torch.arange(-w, total, device=q.device)
-        inv_freq = rope_frequencies(self.config, q.device)
-        seen_keys, seen_values, key_mask = with_context(keys, values, state.context_keys,
-                                                        state.context_values, visible)
-        local = local_attention(
-            apply_rope(q, positions[w + total - length:], inv_freq),
-            apply_rope(seen_keys, positions, inv_freq), seen_values, key_mask,
-        )
-        complete = total == self.config.segment_len
+        length = q.shape[1]
+        local = self._local(q, keys, values, state.context_keys, state.context_values, visible)
+        complete = keys.shape[1] == self.config.segment_len
         retrieved = None
         if memory:
             rule = self.config.memory_rule
