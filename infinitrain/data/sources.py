@@ -356,13 +356,12 @@ def source_for(data: str, **fields: Any) -> SourceConfig:
                        if f.is_file() and any(suffix in FILE_BUILDERS for suffix in f.suffixes))
         if not files:
             raise DataSourceError(f"{data}: directory holds no {', '.join(FILE_BUILDERS)} file")
-        fields.pop("split", None)
-        fields.pop("config", None)
-        return SourceConfig(files=files, **fields)
-    if path.exists() or any(ch in data for ch in "*?["):
-        fields.pop("split", None)
-        fields.pop("config", None)
-        return SourceConfig(files=[data], **fields)
-    if "/" not in data or data.startswith((".", "/")):
+    elif path.exists() or any(ch in data for ch in "*?["):
+        files = [data]
+    elif "/" not in data or data.startswith((".", "/")):
         raise DataSourceError(f"{data}: no such file, and not a hub dataset name (owner/name)")
-    return SourceConfig(name=data, **fields)
+    else:
+        return SourceConfig(name=data, **fields)
+    fields.pop("split", None)  # local files form a single split, with no configuration
+    fields.pop("config", None)
+    return SourceConfig(files=files, **fields)

@@ -146,7 +146,7 @@ class StreamingLM(LightningModule):
         """Give the write gate's schedule this step's loss (every rank's mean), when it waits
         for a loss threshold."""
         gate = self.write_gate
-        if not gate.below_loss or gate.start is not None:
+        if not gate.waits_for_loss:  # spare every rank the reduction
             return
         value = float(self.trainer.strategy.reduce(loss.detach(), reduce_op="mean"))
         if gate.observe(value, self.global_step):

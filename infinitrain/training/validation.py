@@ -47,7 +47,9 @@ class Validation(Callback):
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if step % self.section.every_steps or (self.last is not None and self.last[0] == step):
+        # Every micro-batch ends here: score once per optimizer step, never before the first
+        # (with train.accumulate, the first micro-batches end at step 0).
+        if not step or step % self.section.every_steps or (self.last and self.last[0] == step):
             return
         loss = self.evaluate(trainer, module)
         self.last = (step, loss)

@@ -24,6 +24,11 @@ class WriteGateSchedule:
         """The step at which the loss threshold was met (None: not yet, or no threshold)."""
         self.loss_average: float | None = None
 
+    @property
+    def waits_for_loss(self) -> bool:
+        """Whether the start still waits for the loss threshold (what :meth:`observe` is for)."""
+        return bool(self.below_loss) and self.start is None
+
     def trains(self, step: int) -> bool:
         if step < self.from_step:
             return False
@@ -37,7 +42,7 @@ class WriteGateSchedule:
     def observe(self, loss: float, step: int) -> bool:
         """Take the loss of ``step`` (the same on every rank); True if the gate starts now (its
         learning rate opens from the next step)."""
-        if not self.below_loss or self.start is not None:
+        if not self.waits_for_loss:
             return False
         average = self.loss_average
         # about ten steps (0.1, not 1 - 0.9, which rounds differently and would move the start)
