@@ -210,7 +210,7 @@ def test_state_round_trips_through_safetensors(tmp_path, overlap: int) -> None:
      ({"segment_len": 0}, "segment_len"), ({"d_model": -4}, "d_model"),
      ({"rope_theta": 0.0}, "rope_theta"), ({"memory_write_gate": True}, "memory_write_gate"),
      ({"memory_features": "relu"}, "memory_features"),
-     ({"memory_from_layer": 2}, "memory_from_layer"),
+     ({"memory_from_layer": 3}, "memory_from_layer"),
      ({"memory_features": "signed"}, "memory_features"),
      ({"write_gate_activation": "relu"}, "write_gate_activation"),
      ({"local_overlap": 9}, "local_overlap"), ({"local_overlap": -1}, "local_overlap")],

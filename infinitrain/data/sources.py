@@ -65,6 +65,10 @@ class SourceConfig:
     """Step from which this source no longer starts documents (null: never stops). With
     from_step, a mixture can change during a run: e.g. short prompts until a skill forms, then
     long ones."""
+    exclude: dict[str, list[str]] = field(default_factory=dict)
+    """Leave out the rows whose column holds one of these values, e.g. ``{title: [Persuasion]}``:
+    hold whole books out of training to evaluate on them. A value that matches no row is an error
+    (a misspelt title would otherwise leak the book into training)."""
     min_tokens: int = 0
     """Skip documents (books, for booksum) with fewer tokens; the paper keeps books > 4K tokens."""
     max_input_tokens: int | None = None
@@ -102,8 +106,9 @@ class SourceConfig:
         if self.kind not in ("text", "booksum", "passkey"):
             raise DataSourceError(f"kind = {self.kind!r}: must be one of text, booksum, passkey")
         if self.kind == "passkey":
-            if self.name or self.files:
-                raise DataSourceError("kind = 'passkey' generates its documents: remove name/files")
+            if self.name or self.files or self.exclude:
+                raise DataSourceError("kind = 'passkey' generates its documents: remove "
+                                      "name/files/exclude")
             if not 0.0 <= self.depth_min <= self.depth_max <= 1.0:
                 raise DataSourceError(f"depth_min = {self.depth_min}, depth_max = "
                                       f"{self.depth_max}: need 0 <= depth_min <= depth_max <= 1")
@@ -250,7 +255,29 @@ def load_rows(config: SourceConfig) -> Rows:
             ) from error
     if isinstance(rows, datasets.Dataset) and len(rows) == 0:
         raise DataSourceError(f"{config.label}: empty dataset (0 rows)")
+    for column, values in config.exclude.items():
+        rows = _without(rows, column, set(values), config.label)
     return rows
+
+
+def _without(rows: Rows, column: str, values: set[str], label: str) -> Rows:
+    """``rows`` less those whose ``column`` is one of ``values`` (the ``exclude`` option)."""
+    import datasets
+
+    if isinstance(rows, datasets.IterableDataset):  # streamed: filtered lazily, unchecked
+        return rows.filter(lambda row: row[column] not in values)
+    if column not in rows.column_names:
+        raise DataSourceError(f"{label}: exclude names column {column!r}, which it does not "
+                              f"have; available columns: {', '.join(rows.column_names)}")
+    present = rows[column]
+    unmatched = sorted(values - set(present))
+    if unmatched:
+        raise DataSourceError(f"{label}: exclude {column} = {unmatched[0]!r} matches no row; "
+                              f"the values there are: {', '.join(map(str, present[:20]))}")
+    kept = [i for i, value in enumerate(present) if value not in values]
+    if not kept:
+        raise DataSourceError(f"{label}: exclude leaves no row")
+    return rows.select(kept)
 
 
 def check_columns(rows: Rows, columns: list[str], label: str) -> Rows:

@@ -43,10 +43,9 @@ class ModelConfig:
     (M += σ(K)ᵀ(V − retrieved)), the paper's; or 'deltanet', a length-robust variant (unit-norm
     features, unnormalised read, token-sequential delta rule)."""
     memory_from_layer: int = 0
-    """First layer with compressive memory; the layers below attend locally only. Layer 0's
-    queries, keys and values each see one token, so its memory can hold token statistics (a bag
-    of words) but no association between tokens, and that state drifts as the statistics change
-    with length (docs/memory-length.md §9). The paper gives every layer memory: 0."""
+    """First layer with compressive memory; the layers below attend locally only. The paper gives
+    every layer memory: 0. n_layers: no layer has memory, the local-attention baseline that the
+    long-book comparison trains (recipes/books-local.yaml, books-xl.yaml)."""
     memory_features: str = "elu"
     """Feature map of queries and keys into memory: 'elu', the paper's σ(x) = ELU(x) + 1; or
     'signed' (rules that do not read z: 'deltanet'), x / ‖x‖ as in DeltaNet: signed, so a
@@ -107,9 +106,9 @@ class ModelConfig:
         if rule is None:
             raise ConfigError(f"model.memory_rule = {self.memory_rule!r}: must be one of "
                               f"{', '.join(RULES)}")
-        if not 0 <= self.memory_from_layer < self.n_layers:
+        if not 0 <= self.memory_from_layer <= self.n_layers:
             raise ConfigError(f"model.memory_from_layer = {self.memory_from_layer!r}: must be in "
-                              f"[0, n_layers = {self.n_layers}) so that some layer has memory")
+                              f"[0, n_layers = {self.n_layers}] (n_layers: no memory at all)")
         if self.memory_features not in MEMORY_FEATURES:
             raise ConfigError(f"model.memory_features = {self.memory_features!r}: must be one of "
                               f"{', '.join(MEMORY_FEATURES)}")
