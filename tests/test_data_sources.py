@@ -55,6 +55,19 @@ def test_wrong_text_field_lists_the_columns(data_tokenizer, data_dir):
         build_source(config, data_tokenizer)
 
 
+def test_exclude_holds_whole_documents_out_and_refuses_values_that_match_nothing(data_dir):
+    books = [str(data_dir / "books" / "austen.jsonl.gz")]
+    kept = load_rows(SourceConfig(files=books, exclude={"title": ["Emma", "Persuasion"]}))
+    assert kept["title"] == ["Sense and Sensibility", "Pride and Prejudice", "Mansfield Park",
+                             "Northanger Abbey"]
+    with pytest.raises(DataSourceError, match="exclude title = 'Persuasio' matches no row"):
+        load_rows(SourceConfig(files=books, exclude={"title": ["Persuasio"]}))
+    with pytest.raises(DataSourceError, match="exclude names column 'name'"):
+        load_rows(SourceConfig(files=books, exclude={"name": ["Emma"]}))
+    with pytest.raises(DataSourceError, match="remove name/files/exclude"):
+        SourceConfig(kind="passkey", exclude={"title": ["Emma"]})
+
+
 def test_empty_dataset_is_an_error(data_tokenizer, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -94,7 +107,7 @@ def test_unreachable_hub_dataset_fails_fast_and_suggests_local_files(data_tokeni
 @pytest.mark.parametrize(("fields", "message"), [
     ({}, "needs exactly one of name"),
     ({"name": "emozilla/pg19", "files": ["x.jsonl"]}, "needs exactly one of name"),
-    ({"kind": "passkey", "files": ["x.jsonl"]}, "remove name/files"),
+    ({"kind": "passkey", "files": ["x.jsonl"]}, "remove name/files/exclude"),
     ({"files": ["x.jsonl"], "max_input_tokens": 100}, "only used by kind = 'booksum'"),
     ({"files": ["x.jsonl"], "passkey_length": 100}, "only used by kind = 'passkey'"),
     ({"files": ["x.jsonl"], "weight": 0}, "weight = 0: must be > 0"),

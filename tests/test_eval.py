@@ -326,6 +326,38 @@ def test_perplexity_command_over_a_bundled_book(workdir):
     assert (out / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_perplexity_compares_models_of_different_segment_lengths_by_position(workdir):
+    """Two models side by side (N = 32 and N = 64): one column each, rows of doubling token
+    ranges on both models' segment boundaries, each a token-weighted mean of the model's own
+    per-segment losses."""
+    book = workdir / "book.jsonl"
+    book.write_text(json.dumps({"text": (workdir / "book.txt").read_text()[:20_000]}) + "\n")
+    wide = workdir / "wide"
+    save_model_dir(random_model(vocab_size=VOCAB, segment_len=2 * SEGMENT), wide,
+                   tokenizer_dir=TOKENIZER)
+    out = workdir / "compare.json"
+    code, stdout, _ = cli("eval", "perplexity", "--model", workdir / "run", "--model", wide,
+                          "--data", book, "--json", out, "--plot", workdir / "compare.png")
+    assert code == 0 and "loss (run)" in stdout and "loss (wide)" in stdout
+    report = json.loads(out.read_text())
+    assert [m["path"] for m in report["model"]] == [str(workdir / "run" / "step-00000010"),
+                                                     str(wide)]
+    runs = report["results"]["runs"]
+    assert [(r["model"], r["segment_len"]) for r in runs] == [("run", SEGMENT),
+                                                              ("wide", 2 * SEGMENT)]
+    tokens = runs[0]["tokens"]
+    first_rows = [f"0–{2 * SEGMENT}", f"{2 * SEGMENT}–{4 * SEGMENT}",
+                  f"{4 * SEGMENT}–{8 * SEGMENT}"]
+    assert all(row in stdout for row in first_rows)
+    # The row 64–128 of the N = 32 model is the mean of its segments 2 and 3 (32 targets each).
+    curve = runs[0]["segment_loss"]
+    expected = f"{(curve[2] + curve[3]) / 2:.3f}"
+    row = next(line for line in stdout.splitlines() if first_rows[1] in line)
+    assert expected in row, (expected, row)
+    assert tokens == runs[1]["tokens"]
+    assert (workdir / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # ---------------------------------------------------------------------------------------------
 # BookSum and ROUGE
 

@@ -35,7 +35,10 @@ eval_app = typer.Typer(name="eval", no_args_is_help=True,
 
 @eval_app.command("perplexity")
 def perplexity(
-    model: ModelOption,
+    models: Annotated[list[Path], typer.Option(
+        "--model", help="Training checkpoint (step-XXXXXXXX/), a run's out_dir (its 'latest' "
+        "checkpoint) or a model directory; repeat it to compare models side by side on the same "
+        "documents.", show_default=False)],
     data: Annotated[str, typer.Option(
         help="Documents: a file (.txt, .jsonl, .parquet, … as PG19's format), a directory or glob "
              "of such files, or a hub dataset name.", show_default=False)],
@@ -58,39 +61,52 @@ def perplexity(
     import itertools
 
     from ..data.sources import source_for, text_source
-    from ..evaluation.perplexity import evaluate_perplexity
+    from ..evaluation.perplexity import evaluate_perplexity, position_ranges
     from ..evaluation.plots import curves
     from ..evaluation.report import write_json
     from ..evaluation.tables import perplexity_tables
 
-    loaded, tokenizer = load_for_command(model, device, dtype)
     with reported("--data"):
-        source = text_source(source_for(data, split=split, config=config,
-                                        text_field=text_field, min_tokens=min_tokens), tokenizer)
-        documents = list(itertools.islice(source, max_docs))
-        if not documents:
-            raise UsageError(f"{data}: no document with at least {max(min_tokens, 1)} tokens")
-    named = [(f"#{i}", doc) for i, doc in enumerate(documents)]
-    total = sum(len(doc) for doc in documents) * (2 if compare_no_memory else 1)
-    with progress(stderr, "scoring", total) as advance:
-        results = evaluate_perplexity(loaded.model, named, window_segments=window_segments,
-                                      compare_no_memory=compare_no_memory,
-                                      on_progress=advance)
-    for table in perplexity_tables(results, loaded.model.config.segment_len):
+        source_config = source_for(data, split=split, config=config, text_field=text_field,
+                                   min_tokens=min_tokens)
+    results, loaded_models = [], []
+    for path in models:
+        loaded, tokenizer = load_for_command(path, device, dtype)
+        with reported("--data"):
+            source = text_source(source_config, tokenizer)
+            documents = list(itertools.islice(source, max_docs))
+            if not documents:
+                raise UsageError(f"{data}: no document with at least {max(min_tokens, 1)} tokens")
+        named = [(f"#{i}", doc) for i, doc in enumerate(documents)]
+        total = sum(len(doc) for doc in documents) * (2 if compare_no_memory else 1)
+        name = model_name(path) if len(models) > 1 else ""
+        with progress(stderr, f"scoring {name}".strip(), total) as advance:
+            results += evaluate_perplexity(loaded.model, named, window_segments=window_segments,
+                                           compare_no_memory=compare_no_memory, name=name,
+                                           on_progress=advance)
+        loaded_models.append(loaded)
+    for table in perplexity_tables(results):
         stdout.print(table)
     if plot is not None:
-        label = {True: "memory", False: "memory disabled"}
-        curves({label[r.use_memory]: r.segment_curve() for r in results}, plot,
-               title="Loss by position in the document", xlabel="segment",
+        ranges = position_ranges(results)
+        curves({r.label: r.range_losses(ranges) for r in results}, plot,
+               x=[(p.start + p.stop) / 2 for p in ranges], logx=True,
+               title="Loss by position in the document", xlabel="token position",
                ylabel="loss (nats/token)")
         written("plot", plot)
     if json_path is not None:
         settings = {"data": data, "split": split, "config": config, "text_field": text_field,
                     "max_docs": max_docs, "min_tokens": min_tokens,
                     "window_segments": window_segments, "compare_no_memory": compare_no_memory}
-        write_json(json_path, "eval perplexity", loaded, settings,
+        write_json(json_path, "eval perplexity", loaded_models, settings,
                    {"runs": [r.to_dict() for r in results]})
         written("results", json_path)
+
+
+def model_name(path: Path) -> str:
+    """How a compared model is named: its run directory (and checkpoint, if one was given)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.name.startswith("step-") else path.name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +62,36 @@ def document_loss(model: InfiniTransformer, document: Document, name: str = "", 
     return DocumentLoss(name, nll.tolist(), count.tolist())
 
 
+def doubling_ranges(length: int, first: int) -> list[range]:
+    """Token positions 0..length-1 cut at first, 2·first, 4·first, …: rows for a curve whose
+    interesting changes (how much has been read) are multiplicative."""
+    edges = [0]
+    while edges[-1] < length:
+        edges.append(min(length, max(first, 2 * edges[-1])))
+    return [range(a, b) for a, b in pairwise(edges)]
+
+
+def position_ranges(results: list[PerplexityResult]) -> list[range]:
+    """The doubling token ranges by which ``results`` (possibly of models with different segment
+    lengths) are compared: cut on every model's segment boundaries, out to the longest document."""
+    first = math.lcm(*(r.segment_len for r in results))
+    return doubling_ranges(max(r.longest for r in results), first)
+
+
 @dataclass
 class PerplexityResult:
     use_memory: bool
+    segment_len: int
+    """N of the model scored: segment i holds tokens [i·N, (i+1)·N) of each document."""
+    model: str = ""
+    """Which model, when several are compared (empty: the only one)."""
     documents: list[DocumentLoss] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """How tables and plots name this result: the model, and whether the memory was off."""
+        parts = [self.model, "" if self.use_memory else "no memory"]
+        return ", ".join(filter(None, parts)) or "memory"
 
     @property
     def tokens(self) -> int:
@@ -74,21 +101,38 @@ class PerplexityResult:
     def perplexity(self) -> float:
         return math.exp(sum(sum(d.segment_nll) for d in self.documents) / self.tokens)
 
+    @property
+    def longest(self) -> int:
+        """Tokens of the longest document (positions reach up to it)."""
+        return max(len(d.segment_nll) for d in self.documents) * self.segment_len
+
     def segment_curve(self) -> list[float]:
         """Mean loss (nats/token) at each segment position, over the documents that reach it."""
-        length = max(len(d.segment_nll) for d in self.documents)
-        nll, tokens = [0.0] * length, [0] * length
-        for doc in self.documents:
-            for i, (loss, count) in enumerate(zip(doc.segment_nll, doc.segment_tokens,
-                                                  strict=True)):
-                nll[i] += loss
-                tokens[i] += count
-        return [loss / count if count else math.nan for loss, count in zip(nll, tokens,
-                                                                          strict=True)]
+        return self.range_losses([range(i * self.segment_len, (i + 1) * self.segment_len)
+                                  for i in range(self.longest // self.segment_len)])
+
+    def range_losses(self, ranges: list[range]) -> list[float]:
+        """Mean loss (nats/token) over the tokens at these positions, over all documents; every
+        range starts and ends on a segment boundary (or at the longest document's end)."""
+        n = self.segment_len
+        losses = []
+        for positions in ranges:
+            if positions.start % n or (positions.stop % n and positions.stop < self.longest):
+                raise ValueError(f"positions {positions.start}–{positions.stop}: not on this "
+                                 f"model's segment boundaries (N = {n})")
+            segments = range(positions.start // n, -(-positions.stop // n))
+            nll = sum(d.segment_nll[i] for d in self.documents for i in segments
+                      if i < len(d.segment_nll))
+            count = sum(d.segment_tokens[i] for d in self.documents for i in segments
+                        if i < len(d.segment_tokens))
+            losses.append(nll / count if count else math.nan)
+        return losses
 
     def to_dict(self) -> dict:
         return {
+            "model": self.model,
             "use_memory": self.use_memory,
+            "segment_len": self.segment_len,
             "perplexity": self.perplexity,
             "tokens": self.tokens,
             "segment_loss": self.segment_curve(),
@@ -101,16 +145,19 @@ class PerplexityResult:
 
 def evaluate_perplexity(model: InfiniTransformer, documents: Iterable[tuple[str, Document]], *,
                         window_segments: int = DEFAULT_WINDOW_SEGMENTS,
-                        compare_no_memory: bool = False,
+                        compare_no_memory: bool = False, name: str = "",
                         on_progress: ProgressFn | None = None) -> list[PerplexityResult]:
-    """Perplexity with memory, and optionally of the same model with memory disabled."""
-    results = [PerplexityResult(True)] + ([PerplexityResult(False)] if compare_no_memory else [])
-    for name, document in documents:
+    """Perplexity with memory, and optionally of the same model with memory disabled; ``name``
+    labels the results when several models are compared."""
+    n = model.config.segment_len
+    results = [PerplexityResult(use_memory, n, name)
+               for use_memory in ([True, False] if compare_no_memory else [True])]
+    for document_name, document in documents:
         if document.num_targets == 0:
             continue
         for result in results:
             result.documents.append(document_loss(
-                model, document, name, window_segments=window_segments,
+                model, document, document_name, window_segments=window_segments,
                 use_memory=result.use_memory, on_progress=on_progress))
     if not results[0].documents:
         raise ValueError("no document with at least one target token to score")

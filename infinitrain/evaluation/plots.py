@@ -57,14 +57,17 @@ def _binned(ys: Sequence[float], max_points: int) -> tuple[list[float], list[flo
 
 
 def curves(series: Mapping[str, Sequence[float]], path: str | Path, *, title: str, xlabel: str,
-           ylabel: str, max_points: int = 100, x: Sequence[float] | None = None) -> Path:
+           ylabel: str, max_points: int = 100, x: Sequence[float] | None = None,
+           logx: bool = False) -> Path:
     """One line per named series against ``x`` or, without it, against its index averaged into
-    at most ``max_points`` bins."""
+    at most ``max_points`` bins; ``logx``: a logarithmic x axis."""
     figure = Figure(figsize=(7, 4))
     axes = figure.add_subplot()
     for name, ys in series.items():
         xs, means = (list(x), list(ys)) if x is not None else _binned(ys, max_points)
         axes.plot(xs, means, label=name, marker="." if len(xs) < 60 else None)
+    if logx:
+        axes.set_xscale("log")
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)

@@ -26,15 +26,22 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | Path, command: str, loaded: LoadedModel | None,
+def _described(loaded: LoadedModel) -> dict[str, Any]:
+    weight = loaded.model.embed_tokens.weight
+    return {"path": str(loaded.path), "config": loaded.model.config.to_dict(),
+            "dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device)}
+
+
+def write_json(path: str | Path, command: str, loaded: LoadedModel | list[LoadedModel] | None,
                settings: dict[str, Any], results: dict[str, Any]) -> Path:
     """Write ``results`` with the command, its settings, the model (None for commands that read
-    no model, such as ``inspect training``) and the software that ran it."""
-    model = None
-    if loaded is not None:
-        weight = loaded.model.embed_tokens.weight
-        model = {"path": str(loaded.path), "config": loaded.model.config.to_dict(),
-                 "dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device)}
+    no model, such as ``inspect training``; a list for one that compares several) and the software
+    that ran it."""
+    if isinstance(loaded, list):
+        model = [_described(one) for one in loaded]
+        model = model[0] if len(model) == 1 else model
+    else:
+        model = None if loaded is None else _described(loaded)
     payload = {
         "command": command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -15,7 +15,7 @@ from .harness import Metric
 from .needle_trace import NeedleTraceResult
 from .options import format_tokens, human_bytes
 from .passkey import PasskeyResult
-from .perplexity import PerplexityResult
+from .perplexity import PerplexityResult, position_ranges
 from .training_log import TrainingLog
 
 PAPER_BOOKSUM = "paper, 8B at 500K, linear+delta: R-1 40.0, R-2 8.8, R-L 17.9, overall 18.5"
@@ -151,42 +151,32 @@ def training_table(log: TrainingLog) -> Table:
     return table
 
 
-def _buckets(length: int, count: int = 8) -> list[range]:
-    """Split segment positions 0..length-1 into at most ``count`` contiguous ranges."""
-    size = math.ceil(length / count)
-    return [range(start, min(start + size, length)) for start in range(0, length, size)]
-
-
-def perplexity_tables(results: list[PerplexityResult], segment_len: int) -> list[Table]:
-    """Per-document perplexity, then mean loss by position in the document."""
-    label = {True: "memory", False: "no memory"}
+def perplexity_tables(results: list[PerplexityResult]) -> list[Table]:
+    """Per-document perplexity, then mean loss by position in the document (token ranges that
+    double, from the largest segment among the models, so that models of different N compare)."""
     documents = Table(title="Perplexity per document")
     documents.add_column("document")
     documents.add_column("tokens", justify="right")
     for result in results:
-        documents.add_column(f"ppl ({label[result.use_memory]})", justify="right")
+        documents.add_column(f"ppl ({escape(result.label)})", justify="right")
     for i, doc in enumerate(results[0].documents):
-        documents.add_row(doc.name, f"{doc.tokens:,}",
+        documents.add_row(escape(doc.name), f"{doc.tokens:,}",
                           *(f"{r.documents[i].perplexity:.2f}" for r in results))
     documents.add_section()
     documents.add_row("[bold]all[/]", f"{results[0].tokens:,}",
                       *(f"[bold]{r.perplexity:.2f}[/]" for r in results))
 
-    curves = [r.segment_curve() for r in results]
-    positions = Table(title=f"Loss (nats/token) by position in the document "
-                            f"(segments of {segment_len} tokens)")
-    positions.add_column("segments", justify="right")
+    ranges = position_ranges(results)
+    segment_lens = sorted({r.segment_len for r in results})
+    positions = Table(title="Loss (nats/token) by position in the document",
+                      caption=f"segments of {' / '.join(map(str, segment_lens))} tokens")
     positions.add_column("tokens", justify="right")
     for result in results:
-        positions.add_column(f"loss ({label[result.use_memory]})", justify="right")
-    for bucket in _buckets(len(curves[0])):
-        first, last = bucket[0], bucket[-1]
-        cells = []
-        for curve in curves:
-            values = [v for v in curve[first:last + 1] if not math.isnan(v)]
-            cells.append(f"{sum(values) / len(values):.3f}" if values else "–")
-        positions.add_row(f"{first}–{last}", f"{first * segment_len:,}–"
-                          f"{(last + 1) * segment_len:,}", *cells)
+        positions.add_column(f"loss ({escape(result.label)})", justify="right")
+    columns = [r.range_losses(ranges) for r in results]
+    for i, positions_range in enumerate(ranges):
+        cells = ["–" if math.isnan(c[i]) else f"{c[i]:.3f}" for c in columns]
+        positions.add_row(f"{positions_range.start:,}–{positions_range.stop:,}", *cells)
     return [documents, positions]
 
 
