@@ -22,7 +22,7 @@ def model_info(
     with torch.device("meta"):
         model = InfiniTransformer(config)
     params = sum(p.numel() for p in model.parameters())
-    memory_bytes = config.memory_floats_per_layer * config.n_layers * 4
+    memory_bytes = config.memory_state_bytes
     console = Console()
     console.print(f"[bold]{name}[/]: {params / 1e6:,.1f}M parameters, {config.n_layers} layers, "
                   f"{config.n_heads} query / {config.n_kv_heads} key-value heads × "

@@ -162,9 +162,9 @@ def _print_summary(name, recipe, summary, out_dir: Path) -> None:
     table.add_row("memory state per stream (M, z; fp32)", human_bytes(memory))
     table.add_row(f"memory state per device ({counted(streams, 'stream')})",
                   human_bytes(memory * streams))
+    segments = recipe.data.window_tokens // recipe.model_config.segment_len
     table.add_row("window per stream", f"{recipe.data.window_tokens:,} tokens = "
-                  f"{recipe.data.window_tokens // recipe.model_config.segment_len} segments × "
-                  f"{recipe.model_config.segment_len}")
+                  f"{counted(segments, 'segment')} × {recipe.model_config.segment_len}")
     table.add_row("tokens per optimizer step (all devices)", f"{summary.tokens_per_step:,}")
     table.add_row("training FLOPs per token", f"{summary.training_flops_per_token:.3g}")
     train = recipe.train

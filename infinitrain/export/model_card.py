@@ -12,7 +12,7 @@ def model_card(model: InfiniTransformer, dtype: str, recipe: str | None, source:
     """Markdown for an exported ``model`` (weights stored in ``dtype``) trained by ``recipe``."""
     config = model.config
     params = sum(p.numel() for p in model.parameters())
-    memory = config.n_layers * config.memory_floats_per_layer * 4
+    memory = config.memory_state_bytes
     kv_cache = kv_cache_nbytes(config.n_layers, config.n_kv_heads, config.head_dim, LONG_CONTEXT)
     gates = model.memory_gates()
     gate_rows = "\n".join(

@@ -153,6 +153,11 @@ class ModelConfig:
         return self.n_layers - self.memory_from_layer
 
     @property
+    def memory_state_bytes(self) -> int:
+        """Bytes of compressive memory per stream: M and z in float32 in every memory layer."""
+        return self.memory_layers * self.memory_floats_per_layer * 4
+
+    @property
     def memory_floats_per_layer(self) -> int:
         """Floats of compressive memory per layer: d_k × (d_v + 1) per key/value head."""
         return self.n_kv_heads * self.head_dim * (self.head_dim + 1)

@@ -78,7 +78,7 @@ def summarize(recipe: Recipe) -> RunSummary:
     model = meta_model(recipe.model_config)
     return RunSummary(
         parameters=sum(p.numel() for p in model.parameters()),
-        memory_state_bytes_per_stream=model.empty_state(1, "meta").memory_nbytes(),
+        memory_state_bytes_per_stream=model.config.memory_state_bytes,
         streams_per_device=recipe.data.streams,
         tokens_per_step=recipe.tokens_per_step,
         training_flops_per_token=flops_per_token(recipe.model_config),
