@@ -105,7 +105,6 @@ def perplexity(
 
 def model_name(path: Path) -> str:
     """How a compared model is named: its run directory (and checkpoint, if one was given)."""
-    path = Path(path)
     return f"{path.parent.name}/{path.name}" if path.name.startswith("step-") else path.name
 
 

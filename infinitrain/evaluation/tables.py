@@ -153,7 +153,7 @@ def training_table(log: TrainingLog) -> Table:
 
 def perplexity_tables(results: list[PerplexityResult]) -> list[Table]:
     """Per-document perplexity, then mean loss by position in the document (token ranges that
-    double, from the largest segment among the models, so that models of different N compare)."""
+    double, cut on every model's segment boundaries, so that models of different N compare)."""
     documents = Table(title="Perplexity per document")
     documents.add_column("document")
     documents.add_column("tokens", justify="right")
