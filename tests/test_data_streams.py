@@ -77,6 +77,36 @@ def test_resets_mark_exactly_the_segments_where_documents_start(data_tokenizer, 
         assert (w.input_ids == data_tokenizer.bos_id).sum() == w.reset.sum()
 
 
+def test_long_documents_are_read_as_pieces_whose_memory_starts_empty(data_tokenizer,
+                                                                      data_kjv_snippets):
+    piece = 2 * N
+    config = StreamConfig(streams=B, segment_len=N, segments_per_window=K,
+                          max_document_tokens=piece)
+    streams = build_streams([SourceConfig(files=[str(data_kjv_snippets)])], config, data_tokenizer)
+    whole = build_streams([SourceConfig(files=[str(data_kjv_snippets)])],
+                          StreamConfig(streams=B, segment_len=N, segments_per_window=K),
+                          data_tokenizer)
+    offsets = [0] * B  # tokens of the current document before each stream's next segment
+    pieces_inside = 0
+    for w, w_whole in itertools.islice(zip(streams, whole, strict=True), 60):
+        assert torch.equal(w.input_ids, w_whole.input_ids)  # same tokens, same places
+        for b in range(B):
+            for s in range(K):
+                if w.input_ids[b, s * N] == data_tokenizer.bos_id:
+                    offsets[b] = 0
+                assert bool(w.reset[b, s]) == (offsets[b] % piece == 0)
+                pieces_inside += bool(w.reset[b, s]) and offsets[b] > 0
+                offsets[b] += N
+    assert pieces_inside > 0
+    restored = build_streams([SourceConfig(files=[str(data_kjv_snippets)])],
+                             StreamConfig(streams=B, segment_len=N, segments_per_window=K),
+                             data_tokenizer)
+    with pytest.raises(ValueError, match="max_document_tokens"):
+        restored.load_state_dict(streams.state_dict())
+    with pytest.raises(ValueError, match="multiple of segment_len"):
+        StreamConfig(segment_len=N, max_document_tokens=N + 1)
+
+
 def test_concat_mode_packs_documents_back_to_back(data_tokenizer, data_kjv_snippets):
     tok = data_tokenizer
     expected = set(expected_documents(data_kjv_snippets, tok))

@@ -87,6 +87,9 @@ BAD_RECIPES = {
     "window not whole segments": (lambda r: r["data"].update(window_tokens=100),
                                   "data.window_tokens = 100: must be a multiple of "
                                   "model.segment_len = 64"),
+    "pieces not whole segments": (lambda r: r["data"].update(max_document_tokens=100),
+                                  "data.max_document_tokens = 100: must be a positive multiple "
+                                  "of model.segment_len = 64"),
     "missing data path": (lambda r: r["data"]["sources"][0].update(files=["nowhere.jsonl.gz"]),
                           "data.sources.0.files: nowhere.jsonl.gz: no such file"),
     "unknown model field": (lambda r: r["model"].update(layers=3),

@@ -50,6 +50,9 @@ class StreamConfig:
     fixes every window."""
     windows_per_step: int = 1
     """Windows per optimizer step (gradient accumulation), to place windows in a curriculum."""
+    max_document_tokens: int | None = None
+    """'document' mode: a longer document is read as independent pieces of this many tokens (a
+    multiple of segment_len), the memory emptied at each. None: whole documents."""
 
     def __post_init__(self) -> None:
         for name in ("streams", "segment_len", "segments_per_window", "windows_per_step"):
@@ -60,6 +63,13 @@ class StreamConfig:
             raise ValueError(f"mode = {self.mode!r}: must be 'document' or 'concat'")
         if self.seed < 0:
             raise ValueError(f"seed = {self.seed!r}: must be >= 0")
+        if self.max_document_tokens is not None:
+            if self.mode != "document":
+                raise ValueError(f"max_document_tokens = {self.max_document_tokens}: only "
+                                 "'document' mode empties the memory; remove it or use that mode")
+            if self.max_document_tokens <= 0 or self.max_document_tokens % self.segment_len:
+                raise ValueError(f"max_document_tokens = {self.max_document_tokens!r}: must be a "
+                                 f"positive multiple of segment_len = {self.segment_len}")
 
     @property
     def window_len(self) -> int:
@@ -153,9 +163,11 @@ class DocumentStreams(IterableDataset):
                 slot = self.slots[b]
                 if slot is None:
                     slot = self.slots[b] = self._start_document()
-                    if config.mode == "document":
-                        reset[b, t // n] = True
-                take = min(length - t, len(slot.document) - slot.offset)
+                piece = config.max_document_tokens or len(slot.document)
+                if config.mode == "document" and slot.offset % piece == 0:
+                    reset[b, t // n] = True  # a document (or a piece of one) starts here
+                take = min(length - t, len(slot.document) - slot.offset,
+                           piece - slot.offset % piece)
                 input_ids[b, t:t + take] = slot.document.ids[slot.offset:slot.offset + take]
                 labels[b, t:t + take] = slot.labels[slot.offset:slot.offset + take]
                 t += take
@@ -223,6 +235,7 @@ class DocumentStreams(IterableDataset):
             "rank": self.rank, "world_size": self.world_size, "streams": config.streams,
             "segment_len": config.segment_len, "segments_per_window": config.segments_per_window,
             "mode": config.mode, "seed": config.seed, "sources": len(self.sources),
+            "max_document_tokens": config.max_document_tokens,
             "windows": self.windows, "draws": self.draws,
             "cursors": [[c.epoch, c.position, c.kept] for c in self.cursors],
             "slots": [None if s is None else [*s.ref, s.offset] for s in self.slots],
@@ -232,7 +245,7 @@ class DocumentStreams(IterableDataset):
         """Continue exactly after the window whose position ``state`` is."""
         expected = self.state_dict()
         for key in ("version", "rank", "world_size", "streams", "segment_len",
-                    "segments_per_window", "mode", "seed", "sources"):
+                    "segments_per_window", "mode", "seed", "sources", "max_document_tokens"):
             if state.get(key) != expected[key]:
                 raise ValueError(f"data position saved with {key} = {state.get(key)!r}, this run "
                                  f"has {expected[key]!r}: the streams cannot continue exactly")

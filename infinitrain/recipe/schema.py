@@ -105,6 +105,11 @@ class DataSection:
     mode: Literal["document", "concat"] = "document"
     """document: one document at a time per stream, memory emptied at each new one; concat:
     documents packed back to back with EOS between them (short-document pretraining)."""
+    max_document_tokens: int | None = None
+    """document mode: read a longer document as independent pieces of this many tokens (a
+    multiple of model.segment_len), the memory emptied at each. The paper trains on fixed-length
+    sequences whose memory starts empty; whole books instead show the model an almost empty
+    memory only once per book. Null: whole documents."""
     validation: ValidationSection | None = None
     """Held-out loss and perplexity every few steps, in the logs and the final summary. Null:
     none."""
@@ -119,7 +124,8 @@ class DataSection:
     def stream_config(self, segment_len: int, seed: int, windows_per_step: int) -> StreamConfig:
         return StreamConfig(streams=self.streams, segment_len=segment_len,
                             segments_per_window=self.window_tokens // segment_len,
-                            mode=self.mode, seed=seed, windows_per_step=windows_per_step)
+                            mode=self.mode, seed=seed, windows_per_step=windows_per_step,
+                            max_document_tokens=self.max_document_tokens)
 
 
 @dataclass
@@ -299,6 +305,11 @@ class Recipe:
             raise field_error("data.window_tokens", window,
                               f"must be a multiple of model.segment_len = {segment} "
                               "(a window is whole segments)")
+        pieces = self.data.max_document_tokens
+        if pieces is not None and (pieces <= 0 or pieces % segment or self.data.mode != "document"):
+            raise field_error("data.max_document_tokens", pieces,
+                              f"must be a positive multiple of model.segment_len = {segment}, "
+                              "with data.mode: document (or null: whole documents)")
         for step in sorted({0, *(s.from_step for s in self.data.sources),
                             *(s.until_step or 0 for s in self.data.sources)}):
             if step < self.train.max_steps and not any(s.active_at(step)
