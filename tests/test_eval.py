@@ -308,21 +308,41 @@ def test_streamed_perplexity_equals_a_direct_forward():
                                rtol=1e-5, atol=1e-4)
 
 
+def test_empty_memory_ablation_scores_every_segment_as_if_it_came_first():
+    """With the memory emptied before every segment (and no overlap cache), a segment's loss is
+    the loss the model gives that segment alone from a fresh state; the gates stay in."""
+    model = random_model(vocab_size=VOCAB, segment_len=SEGMENT)
+    ids = torch.randint(0, VOCAB, (4 * SEGMENT + 5,))
+    empty = document_loss(model, Document.from_ids(ids), window_segments=3, memory="empty")
+    with_memory = document_loss(model, Document.from_ids(ids), window_segments=3)
+    for i in range(len(empty.segment_nll)):
+        piece = ids[i * SEGMENT:(i + 1) * SEGMENT + 1]
+        with torch.no_grad():
+            logits, _ = model(piece[None, :-1])
+        alone = F.cross_entropy(logits[0], piece[1:], reduction="sum").item()
+        assert math.isclose(empty.segment_nll[i], alone, rel_tol=1e-5), i
+    assert empty.segment_nll[0] == with_memory.segment_nll[0]
+    assert all(abs(a - b) > 1e-3 for a, b in zip(empty.segment_nll[1:],
+                                                  with_memory.segment_nll[1:], strict=True))
+
+
 def test_perplexity_command_over_a_bundled_book(workdir):
     book = workdir / "book.jsonl"
     book.write_text(json.dumps({"text": (workdir / "book.txt").read_text()[:40_000]}) + "\n")
     out = workdir / "ppl"
     code, stdout, _ = cli("eval", "perplexity", "--model", workdir / "run", "--data", book,
-                          "--compare-no-memory", "--json", out / "p.json", "--plot",
+                          "--compare-no-memory", "--compare-empty-memory", "--json",
+                          out / "p.json", "--plot",
                           out / "p.png", "--window-segments", "8")
     assert code == 0 and "Perplexity per document" in stdout and "by position" in stdout
     runs = json.loads((out / "p.json").read_text())["results"]["runs"]
-    assert [r["use_memory"] for r in runs] == [True, False]
+    assert [r["memory"] for r in runs] == ["on", "empty", "off"]
+    assert "loss (empty memory)" in stdout
     for run in runs:
         assert math.isfinite(run["perplexity"]) and 1 < run["perplexity"] < 10 * VOCAB
         assert len(run["segment_loss"]) == math.ceil((run["tokens"] + 2) / SEGMENT)
         assert all(math.isfinite(v) for v in run["segment_loss"])
-    assert runs[0]["perplexity"] != runs[1]["perplexity"]
+    assert len({run["perplexity"] for run in runs}) == 3
     assert (out / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -48,9 +48,13 @@ def perplexity(
     max_docs: Annotated[int | None, typer.Option(min=1, help="Score the first N documents.")]
         = None,
     min_tokens: Annotated[int, typer.Option(min=0, help="Skip shorter documents.")] = 0,
+    compare_empty_memory: Annotated[bool, typer.Option(
+        "--compare-empty-memory", help="Also score with the memory emptied before every segment "
+                                       "(same gates, nothing retrieved): what its content adds.")]
+        = False,
     compare_no_memory: Annotated[bool, typer.Option(
-        "--compare-no-memory", help="Also score with the memory disabled (gate forced to local "
-                                    "attention).")] = False,
+        "--compare-no-memory", help="Also score with the memory disabled (memory and gate "
+                                    "removed: local attention alone).")] = False,
     window_segments: WindowOption = 4,
     json_path: JsonOption = None,
     plot: PlotOption = None,
@@ -78,11 +82,12 @@ def perplexity(
             if not documents:
                 raise UsageError(f"{data}: no document with at least {max(min_tokens, 1)} tokens")
         named = [(f"#{i}", doc) for i, doc in enumerate(documents)]
-        total = sum(len(doc) for doc in documents) * (2 if compare_no_memory else 1)
+        ablations = ("empty",) * compare_empty_memory + ("off",) * compare_no_memory
+        total = sum(len(doc) for doc in documents) * (1 + len(ablations))
         name = model_name(path) if len(models) > 1 else ""
         with progress(stderr, f"scoring {name}".strip(), total) as advance:
             results += evaluate_perplexity(loaded.model, named, window_segments=window_segments,
-                                           compare_no_memory=compare_no_memory, name=name,
+                                           ablations=ablations, name=name,
                                            on_progress=advance)
         loaded_models.append(loaded)
     for table in perplexity_tables(results):
@@ -97,7 +102,9 @@ def perplexity(
     if json_path is not None:
         settings = {"data": data, "split": split, "config": config, "text_field": text_field,
                     "max_docs": max_docs, "min_tokens": min_tokens,
-                    "window_segments": window_segments, "compare_no_memory": compare_no_memory}
+                    "window_segments": window_segments,
+                    "compare_empty_memory": compare_empty_memory,
+                    "compare_no_memory": compare_no_memory}
         write_json(json_path, "eval perplexity", loaded_models, settings,
                    {"runs": [r.to_dict() for r in results]})
         written("results", json_path)

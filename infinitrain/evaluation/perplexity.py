@@ -2,7 +2,9 @@
 
 Besides the overall figure, the loss is kept per segment position (segment 0 = the document's first
 N tokens): with a working memory the loss falls later in a book, because more of it has been read;
-the memory-disabled baseline (gate forced to local attention) shows the difference.
+two ablations show the difference: the memory emptied before every segment (same gates, nothing
+retrieved: what the memory's content adds) and the memory disabled (memory and gate removed, local
+attention alone: a model the training never saw, so its loss also counts the missing gate).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from ..data.window import IGNORE_INDEX
 from ..inference import DEFAULT_WINDOW_SEGMENTS, stream
 from ..inference.stream import ProgressFn
 from ..model import InfiniTransformer
+
+MEMORY_MODES = {"on": "", "empty": "empty memory", "off": "no memory"}
+"""How a document is scored, and how tables name it: 'on', the model as trained; 'empty', the
+memory emptied before every segment; 'off', memory and gate removed (local attention alone)."""
 
 
 @dataclass
@@ -41,16 +47,18 @@ class DocumentLoss:
 
 @torch.inference_mode()
 def document_loss(model: InfiniTransformer, document: Document, name: str = "", *,
-                  window_segments: int = DEFAULT_WINDOW_SEGMENTS, use_memory: bool = True,
+                  window_segments: int = DEFAULT_WINDOW_SEGMENTS, memory: str = "on",
                   on_progress: ProgressFn | None = None) -> DocumentLoss:
-    """Stream one document from an empty memory and sum its loss per segment."""
+    """Stream one document from an empty memory and sum its loss per segment; ``memory`` is one
+    of :data:`MEMORY_MODES`."""
     device = model.embed_tokens.weight.device
     ids, labels = document.ids.to(device), document.labels().to(device)
     n = model.config.segment_len
     segments = -(-len(ids) // n)
     nll = torch.zeros(segments, device=device, dtype=torch.float64)
     count = torch.zeros(segments, device=device, dtype=torch.long)
-    for out in stream(model, ids[None], window_segments=window_segments, use_memory=use_memory):
+    for out in stream(model, ids[None], window_segments=window_segments,
+                      use_memory=memory != "off", empty_memory=memory == "empty"):
         targets = labels[out.tokens]
         losses = F.cross_entropy(out.logits[0].float(), targets, ignore_index=IGNORE_INDEX,
                                  reduction="none")
@@ -80,7 +88,8 @@ def position_ranges(results: list[PerplexityResult]) -> list[range]:
 
 @dataclass
 class PerplexityResult:
-    use_memory: bool
+    memory: str
+    """One of :data:`MEMORY_MODES`."""
     segment_len: int
     """N of the model scored: segment i holds tokens [i·N, (i+1)·N) of each document."""
     model: str = ""
@@ -90,7 +99,7 @@ class PerplexityResult:
     @property
     def label(self) -> str:
         """How tables and plots name this result: the model, and whether the memory was off."""
-        parts = [self.model, "" if self.use_memory else "no memory"]
+        parts = [self.model, MEMORY_MODES[self.memory]]
         return ", ".join(filter(None, parts)) or "memory"
 
     @property
@@ -131,7 +140,7 @@ class PerplexityResult:
     def to_dict(self) -> dict:
         return {
             "model": self.model,
-            "use_memory": self.use_memory,
+            "memory": self.memory,
             "segment_len": self.segment_len,
             "perplexity": self.perplexity,
             "tokens": self.tokens,
@@ -145,20 +154,20 @@ class PerplexityResult:
 
 def evaluate_perplexity(model: InfiniTransformer, documents: Iterable[tuple[str, Document]], *,
                         window_segments: int = DEFAULT_WINDOW_SEGMENTS,
-                        compare_no_memory: bool = False, name: str = "",
+                        ablations: tuple[str, ...] = (), name: str = "",
                         on_progress: ProgressFn | None = None) -> list[PerplexityResult]:
-    """Perplexity with memory, and optionally of the same model with memory disabled; ``name``
-    labels the results when several models are compared."""
+    """Perplexity of the model, and of its ``ablations`` (``"empty"``, ``"off"``: see
+    :data:`MEMORY_MODES`) on the same documents; ``name`` labels the results when several models
+    are compared."""
     n = model.config.segment_len
-    results = [PerplexityResult(use_memory, n, name)
-               for use_memory in ([True, False] if compare_no_memory else [True])]
+    results = [PerplexityResult(memory, n, name) for memory in ("on", *ablations)]
     for document_name, document in documents:
         if document.num_targets == 0:
             continue
         for result in results:
             result.documents.append(document_loss(
                 model, document, document_name, window_segments=window_segments,
-                use_memory=result.use_memory, on_progress=on_progress))
+                memory=result.memory, on_progress=on_progress))
     if not results[0].documents:
         raise ValueError("no document with at least one target token to score")
     return results

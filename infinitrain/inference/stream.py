@@ -51,12 +51,18 @@ class WindowOutput:
 @torch.inference_mode()
 def stream(model: InfiniTransformer, input_ids: Tensor, state: InfiniState | None = None, *,
            window_segments: int = DEFAULT_WINDOW_SEGMENTS, use_memory: bool = True,
-           logits_to_keep: int = 0) -> Iterator[WindowOutput]:
-    """Run ``input_ids`` [B, T] through ``model`` window by window, carrying the state."""
+           empty_memory: bool = False, logits_to_keep: int = 0) -> Iterator[WindowOutput]:
+    """Run ``input_ids`` [B, T] through ``model`` window by window, carrying the state.
+
+    ``empty_memory``: every segment reads an emptied memory (one segment per window), the
+    ablation of what the memory holds; ``use_memory=False`` instead removes the memory and its
+    gate, a model the training never saw."""
     if state is None:
         state = model.empty_state(input_ids.shape[0], input_ids.device)
     for piece in window_slices(input_ids.shape[1], state.partial_len, model.config.segment_len,
-                               window_segments):
+                               1 if empty_memory else window_segments):
+        if empty_memory:
+            state = state.without_memory()
         logits, state = model(input_ids[:, piece], state, use_memory=use_memory,
                               logits_to_keep=logits_to_keep)
         yield WindowOutput(piece, logits, state)

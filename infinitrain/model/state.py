@@ -8,7 +8,7 @@ keys/values of the previous segment. The size does not depend on how many tokens
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -78,6 +78,12 @@ class InfiniState:
 
     def clone(self) -> InfiniState:
         return self._map(Tensor.clone)
+
+    def without_memory(self) -> InfiniState:
+        """This state with every memory emptied (M = 0, z = 0) and the local caches kept: what a
+        segment reads when the memory's content is ablated but nothing else changes."""
+        return InfiniState([replace(layer, memory=torch.zeros_like(layer.memory),
+                                    norm=torch.zeros_like(layer.norm)) for layer in self.layers])
 
     def select(self, index: Tensor | list[int] | slice) -> InfiniState:
         """The streams at ``index`` along the batch dimension."""
