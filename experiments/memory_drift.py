@@ -1,5 +1,6 @@
-"""Reproduces docs/memory-length.md §9: does the memory's drift, not the needle's loss, break
-passkey retrieval at length? Three checks on a trained model (a run directory or model directory).
+"""Reproduces docs/memory-length.md, "What breaks at length: memory drift": does the memory's
+drift, not the needle's loss, break passkey retrieval at length? Three checks on a trained model
+(a run directory or model directory).
 
     python experiments/memory_drift.py freeze MODEL --length 4000 --depth 0.97 \
         --freeze 256:3700 --layers 0
@@ -12,7 +13,8 @@ segment, so those layers see no filler accumulate there; it prints exact-match a
 ``keys`` prints, per layer and key/value head, how many distinct memory keys the periodic filler
 writes and the singular values of their feature matrix (the conditioning of what memory stores).
 ``writes`` prints, for a model with a write gate, how strongly the filler, the needle and the rest
-of one prompt write into each layer's memory (docs/memory-length.md §11).
+of one prompt write into each layer's memory (docs/memory-length.md,
+"The write gate: length stops mattering").
 """
 
 from __future__ import annotations

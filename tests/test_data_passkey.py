@@ -9,6 +9,7 @@ import torch
 
 from infinitrain.data import IGNORE_INDEX, PasskeyGenerator, SourceConfig, build_source
 from infinitrain.data.passkey import FILLER, NEEDLE, QUESTION, TASK
+from infinitrain.recipe.typed import RecipeError, dataclass_from_plain
 
 
 def occurrences(haystack: torch.Tensor, needle: list[int]) -> list[int]:
@@ -108,16 +109,29 @@ def test_passkey_lengths_can_vary_within_a_range(data_tokenizer):
         SourceConfig(kind="passkey", passkey_length_min=400, passkey_length=363)
 
 
-def test_passkey_lengths_on_a_segment_grid_end_on_boundaries(data_tokenizer):
-    config = SourceConfig(kind="passkey", passkey_length_min=256, passkey_length=1100,
-                          passkey_length_step=64)
-    source = build_source(config, data_tokenizer)
-    docs = list(itertools.islice(source.epoch(rank=0, world_size=1, epoch=0, seed=0), 40))
-    lengths = {len(doc) - doc.num_targets for doc in docs}
-    assert all(length % 64 == 0 and 256 <= length <= 1088 for length in lengths)
-    assert len(lengths) > 8
-    with pytest.raises(ValueError, match="passkey_length_step = 0"):
-        SourceConfig(kind="passkey", passkey_length_step=0)
+def test_a_source_saved_with_the_retired_length_step_at_its_old_default_reads_the_same(
+        data_tokenizer):
+    """passkey_length_step (removed: lengths are drawn from every length in the range) at its old
+    default 1, as every resolved recipe saved before held it: dropped, the same prompts."""
+    fields = {"kind": "passkey", "passkey_length_min": 300, "passkey_length": 363}
+    old = dataclass_from_plain(SourceConfig, {**fields, "passkey_length_step": 1},
+                               "data.sources.0")
+    assert old == SourceConfig(**fields) and not hasattr(old, "passkey_length_step")
+    docs = itertools.islice(build_source(old, data_tokenizer).epoch(0, 1, 0, seed=0), 5)
+    # the lengths the version with the field drew for seed 0: a resumed stream continues exactly
+    assert [len(doc) - doc.num_targets for doc in docs] == [347, 300, 324, 345, 317]
+
+
+@pytest.mark.parametrize("value", [64, 0, None])
+def test_the_retired_length_step_at_another_value_fails_in_one_line(value):
+    with pytest.raises(RecipeError) as error:
+        dataclass_from_plain(SourceConfig, {"kind": "passkey", "passkey_length_step": value},
+                             "data.sources.0")
+    assert str(error.value) == (
+        f"data.sources.0.passkey_length_step = {value!r}: removed (only its old default, 1, is "
+        "still accepted); prompt lengths are drawn from every length in [passkey_length_min, "
+        "passkey_length]; for prompts that end on segment boundaries, add one passkey source per "
+        "such length")
 
 
 def test_too_short_length_is_refused(data_tokenizer):

@@ -5,6 +5,7 @@ carried across generate() calls — and malformed inputs fail in one line."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -286,6 +287,32 @@ def test_load_exported_is_exact_and_declines_other_directories(exported, core, r
     with torch.no_grad():
         assert torch.equal(loaded.model(ids)[0], core(ids)[0])
     assert load_exported(run_dir / "step-00000010", torch.device("cpu"), torch.float32) is None
+
+
+def test_exports_list_no_retired_field_and_older_ones_still_load(exported, core, tmp_path):
+    """config.json holds no removed field (model.memory_features). An export written before its
+    removal, which held it at its old default 'elu', loads as the same model through
+    transformers and infinitrain; at another value both refuse it in one line."""
+    from transformers import AutoModelForCausalLM
+
+    values = json.loads((exported / "config.json").read_text())
+    assert "memory_features" not in values and "vocab_size" in values
+    older = tmp_path / "pre-removal-export"
+    shutil.copytree(exported, older)
+    (older / "config.json").write_text(json.dumps({**values, "memory_features": "elu"}))
+    ids = torch.randint(0, 4096, (1, 2 * SEGMENT + 3))
+    with torch.no_grad():
+        expected, _ = core(ids)
+        theirs = AutoModelForCausalLM.from_pretrained(older, trust_remote_code=True)(ids).logits
+        ours, _ = load_exported(older, torch.device("cpu"), torch.float32).model(ids)
+    assert torch.allclose(theirs, expected, atol=1e-5, rtol=0) and torch.equal(ours, expected)
+    (older / "config.json").write_text(json.dumps({**values, "memory_features": "signed"}))
+    message = "model.memory_features = 'signed': removed (only its old default, 'elu', is still"
+    for load in (lambda: AutoModelForCausalLM.from_pretrained(older, trust_remote_code=True),
+                 lambda: load_exported(older, torch.device("cpu"), torch.float32)):
+        with pytest.raises(ValueError) as error:  # the export's own ConfigError, or ours
+            load()
+        assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("variant", [{"tie": False}, {"memory_from_layer": 1},

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, safe_open, save_file
 
 from infinitrain.inference import (
     GenerationConfig,
@@ -177,6 +181,29 @@ def test_state_from_another_model_is_refused(tmp_path):
         load_state(garbage, model.config)
     with pytest.raises(StateFileError, match="no such state file"):
         load_state(tmp_path / "missing", model.config)
+
+
+def test_a_state_saved_before_a_field_was_retired_still_fits(tmp_path):
+    """A state file records its model's config and a hash of it. One written while
+    model.memory_features existed (hashed with it) fits the same model still at its old default,
+    'elu'; at another value it is refused, naming the field."""
+    model = random_model()
+    _, state = prefill(model, torch.randint(0, 101, (1, 20)))
+    path = save_state(tmp_path / "s.safetensors", state, model.config, tokens_read=20)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    for value in ("elu", "signed"):
+        old = json.dumps({**model.config.to_dict(), "memory_features": value}, sort_keys=True)
+        save_file(tensors, str(path), metadata={
+            **metadata, "model_config": old,
+            "config_fingerprint": hashlib.sha256(old.encode()).hexdigest()[:16]})
+        if value == "elu":
+            saved = load_state(path, model.config)
+            assert torch.equal(saved.state.layers[0].memory, state.layers[0].memory)
+        else:
+            with pytest.raises(StateFileError, match=r"model: memory_features 'signed' vs None\)"):
+                load_state(path, model.config)
 
 
 def test_load_model_follows_the_latest_pointer(tmp_path):

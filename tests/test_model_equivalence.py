@@ -15,14 +15,13 @@ from infinitrain.model.attention import InfiniAttention
 
 def small_config(rule: str = "delta", **overrides):
     """``rule`` is a memory rule, or "deltanet-gated" for deltanet with the write gate,
-    "deltanet-clamp" for the write gate clamped to [0, 1], "deltanet-signed" for deltanet with
-    signed features, "deltanet-local0" for deltanet with a local-only first layer, "-overlap"
-    for local attention that also reads the previous segment's last 3 tokens."""
+    "deltanet-clamp" for the write gate clamped to [0, 1], "deltanet-local0" for deltanet with a
+    local-only first layer, "-overlap" for local attention that also reads the previous segment's
+    last 3 tokens."""
     base, _, variant = rule.partition("-")
     values = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                   segment_len=8, memory_rule=base, memory_write_gate=variant in ("gated", "clamp"),
                   write_gate_activation="clamp" if variant == "clamp" else "sigmoid",
-                  memory_features="signed" if variant == "signed" else "elu",
                   memory_from_layer=int(variant == "local0"),
                   local_overlap=3 if variant == "overlap" else 0)
     values.update(overrides)
@@ -83,7 +82,7 @@ def reference_attention(attn: InfiniAttention, x: torch.Tensor) -> torch.Tensor:
     unit_norm, read, write = PAPER_RULES[cfg.memory_rule]
 
     def sigma(t):
-        features = t if cfg.memory_features == "signed" else F.elu(t) + 1
+        features = F.elu(t) + 1
         return features / features.norm(dim=-1, keepdim=True) if unit_norm else features
 
     def write_strength(kv):  # β_t from the raw key; 1 without the write gate
@@ -130,8 +129,8 @@ def test_every_registered_memory_rule_has_a_paper_reference() -> None:
     assert set(PAPER_RULES) == set(memory_rules.RULES)
 
 
-RULES = [*memory_rules.RULES, "deltanet-gated", "deltanet-clamp", "deltanet-signed",
-         "delta-overlap", "deltanet-overlap"]
+RULES = [*memory_rules.RULES, "deltanet-gated", "deltanet-clamp", "delta-overlap",
+         "deltanet-overlap"]
 MODEL_RULES = [*RULES, "deltanet-local0"]
 """Model-level variants: memory_from_layer changes which layers have memory, not one layer."""
 

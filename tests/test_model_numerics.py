@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from infinitrain.model import ConfigError, InfiniState, InfiniTransformer, LayerState, preset
+from infinitrain.layout import MODEL_CONFIG_FILE
+from infinitrain.model import (
+    ConfigError,
+    InfiniState,
+    InfiniTransformer,
+    LayerState,
+    ModelConfig,
+    preset,
+)
 from infinitrain.model import memory as mem
 from infinitrain.model.attention import InfiniAttention
+from infinitrain.model_dir import load_model_dir, save_model_dir
 
 
 def small_config(**overrides):
@@ -209,9 +220,7 @@ def test_state_round_trips_through_safetensors(tmp_path, overlap: int) -> None:
     [({"n_kv_heads": 3}, "n_kv_heads"), ({"memory_rule": "gated"}, "memory_rule"),
      ({"segment_len": 0}, "segment_len"), ({"d_model": -4}, "d_model"),
      ({"rope_theta": 0.0}, "rope_theta"), ({"memory_write_gate": True}, "memory_write_gate"),
-     ({"memory_features": "relu"}, "memory_features"),
      ({"memory_from_layer": 3}, "memory_from_layer"),
-     ({"memory_features": "signed"}, "memory_features"),
      ({"write_gate_activation": "relu"}, "write_gate_activation"),
      ({"local_overlap": 9}, "local_overlap"), ({"local_overlap": -1}, "local_overlap")],
 )
@@ -225,6 +234,35 @@ def test_unknown_preset_and_field_are_rejected() -> None:
         preset("70b")
     with pytest.raises(ConfigError, match=r"model\.n_head: unknown field"):
         type(preset("tiny")).from_dict({**preset("tiny").to_dict(), "n_head": 4})
+
+
+def test_a_config_saved_with_a_retired_field_at_its_old_default_loads_the_same_model(
+        tmp_path) -> None:
+    """memory_features (removed: σ is always ELU + 1) at its old default 'elu', as every config
+    saved before held it: dropped wherever a config is read, and the model is the same."""
+    config = small_config(memory_rule="deltanet")
+    assert ModelConfig.from_dict({**config.to_dict(), "memory_features": "elu"}) == config
+    assert small_config(memory_rule="deltanet", memory_features="elu") == config
+    assert "memory_features" not in config.to_dict() and not hasattr(config, "memory_features")
+    torch.manual_seed(0)
+    model = InfiniTransformer(config).eval()
+    saved = save_model_dir(model, tmp_path / "old") / MODEL_CONFIG_FILE
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "memory_features": "elu"}))
+    ids = torch.randint(0, config.vocab_size, (1, 3 * config.segment_len + 5))
+    with torch.no_grad():
+        assert torch.equal(load_model_dir(tmp_path / "old")(ids)[0], model(ids)[0])
+
+
+@pytest.mark.parametrize("value", ["signed", "relu", None])
+def test_a_retired_field_at_another_value_fails_in_one_line(value) -> None:
+    expected = (f"model.memory_features = {value!r}: removed (only its old default, 'elu', is "
+                "still accepted); this version always uses σ = ELU + 1, the paper's feature map")
+    values = {**small_config().to_dict(), "memory_features": value}
+    for load in (lambda: ModelConfig.from_dict(values),
+                 lambda: small_config(memory_features=value)):
+        with pytest.raises(ConfigError) as error:
+            load()
+        assert str(error.value) == expected
 
 
 def test_write_gate_starts_at_its_configured_strength() -> None:

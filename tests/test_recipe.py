@@ -110,6 +110,13 @@ BAD_RECIPES = {
         "optim.write_penalty = 0.1: needs model.memory_write_gate: true"),
     "negative write penalty": (lambda r: r["optim"].update(write_penalty=-1),
                                "optim.write_penalty = -1.0: must be >= 0"),
+    "retired model field": (lambda r: r["model"].update(memory_features="signed"),
+                            "model.memory_features = 'signed': removed (only its old default, "
+                            "'elu', is still accepted); this version always uses σ = ELU + 1"),
+    "retired source field": (lambda r: r["data"]["sources"][0].update(passkey_length_step=64),
+                             "data.sources.0.passkey_length_step = 64: removed (only its old "
+                             "default, 1, is still accepted); prompt lengths are drawn from "
+                             "every length in [passkey_length_min, passkey_length]"),
 }
 
 
@@ -121,6 +128,20 @@ def test_malformed_recipe_fails_in_one_clear_line(case, tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     assert lines[0].startswith("Error: ") and message in lines[0], lines[0]
+
+
+def test_a_recipe_saved_with_retired_fields_at_their_old_defaults_loads_the_same_run():
+    """A resolved recipe as checkpoints saved it before model.memory_features and
+    passkey_length_step were removed (every source listed the step at its default, 1): the same
+    model and data, so a run resumes from it; the fields are gone from what is saved now."""
+    _, recipe = load_recipe("passkey-tiny")
+    old = yaml.safe_load(dump_recipe(recipe))
+    old["model"]["memory_features"] = "elu"
+    for source in old["data"]["sources"]:
+        source["passkey_length_step"] = 1
+    loaded = parse_recipe(old)
+    assert loaded.model_config == recipe.model_config and loaded.data == recipe.data
+    assert "passkey_length_step" not in dump_recipe(recipe)
 
 
 @pytest.mark.parametrize(("args", "message"), [

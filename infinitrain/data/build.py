@@ -17,8 +17,7 @@ def build_source(config: SourceConfig, tokenizer: Tokenizer) -> DocumentSource:
         generator = PasskeyGenerator(tokenizer, config.key_min, config.key_max)
         lengths = (config.passkey_length_min or config.passkey_length, config.passkey_length)
         return PasskeySource(generator, lengths, config.depth_min, config.depth_max,
-                             config.label, config.weight, config.passkey_length_step,
-                             config.supervise_key_copy)
+                             config.label, config.weight, config.supervise_key_copy)
     if config.kind == "booksum":
         return booksum_source(config, tokenizer)
     return text_source(config, tokenizer)

@@ -180,17 +180,16 @@ def haystack_tokens(documents: Iterable[Tensor], tokenizer: Tokenizer,
 
 
 class PasskeySource(DocumentSource):
-    """Endless passkey fine-tuning documents: lengths uniform over ``lengths[0]``, + step, … up
-    to ``lengths[1]``, depths uniform in [depth_min, depth_max]."""
+    """Endless passkey fine-tuning documents: lengths uniform in [lengths[0], lengths[1]], depths
+    uniform in [depth_min, depth_max]."""
 
     def __init__(self, generator: PasskeyGenerator, lengths: tuple[int, int], depth_min: float,
-                 depth_max: float, label: str, weight: float, length_step: int = 1,
+                 depth_max: float, label: str, weight: float,
                  supervise_key_copy: bool = False) -> None:
         super().__init__(label, weight)
         self.supervise_key_copy = supervise_key_copy
         self.generator = generator
         self.lengths = lengths
-        self.length_step = length_step
         self.depth_min, self.depth_max = depth_min, depth_max
         try:  # fail now if the shortest length cannot hold a prompt
             generator.check_length(lengths[0])
@@ -204,8 +203,7 @@ class PasskeySource(DocumentSource):
         while True:  # synthetic: an epoch never ends, every position is a fresh sample
             rng = np.random.default_rng([seed, world_size, rank, epoch, position])
             depth = float(rng.uniform(self.depth_min, self.depth_max))
-            steps = (self.lengths[1] - self.lengths[0]) // self.length_step
-            length = self.lengths[0] + self.length_step * int(rng.integers(steps + 1))
+            length = self.lengths[0] + int(rng.integers(self.lengths[1] - self.lengths[0] + 1))
             sample = self.generator.sample(length, depth, seed=int(rng.integers(2**62)))
             yield sample.to_document(self.generator.tokenizer.eos_id, self.supervise_key_copy)
             position += 1

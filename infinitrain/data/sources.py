@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -84,10 +84,6 @@ class SourceConfig:
     passkey_length], so the question and answer land at every offset within a segment (an
     evaluation prompt of a power-of-two length ends exactly on a segment boundary, leaving the
     answer to a fresh segment that reaches the question through memory only)."""
-    passkey_length_step: int = 1
-    """passkey only: lengths are drawn from passkey_length_min, + step, + 2·step, …: with the
-    segment length as step and a multiple of it as passkey_length_min, every prompt ends exactly
-    on a segment boundary, the case where the answer reaches the question only through memory."""
     depth_min: float = 0.0
     """passkey only: smallest needle depth (0 = right after the task description)."""
     depth_max: float = 1.0
@@ -100,6 +96,15 @@ class SourceConfig:
     """passkey only: also supervise the needle's second copy of the key ('The pass key is 71432.
     Remember it. 71432 is …'), a copy a few tokens back that teaches the copy the answer needs on
     every prompt, whatever the needle's depth."""
+
+    RETIRED_FIELDS: ClassVar[dict[str, tuple[Any, str]]] = {
+        "passkey_length_step": (1, "prompt lengths are drawn from every length in "
+                                   "[passkey_length_min, passkey_length]; for prompts that end on "
+                                   "segment boundaries, add one passkey source per such length"),
+    }
+    """Fields a source no longer has -> (old default, what replaced them): a recipe may still
+    hold one at its old default, which is dropped; any other value is refused (see
+    infinitrain.model.config.without_retired)."""
 
     def __post_init__(self) -> None:
         defaults = SourceConfig.__dataclass_fields__
@@ -117,9 +122,6 @@ class SourceConfig:
                 raise DataSourceError(f"passkey_length_min = {self.passkey_length_min}: need "
                                       f"0 < passkey_length_min <= passkey_length = "
                                       f"{self.passkey_length}")
-            if self.passkey_length_step < 1:
-                raise DataSourceError(f"passkey_length_step = {self.passkey_length_step}: "
-                                      "must be >= 1")
             if not 0 <= self.key_min <= self.key_max:
                 raise DataSourceError(f"key_min = {self.key_min}, key_max = {self.key_max}: "
                                       "need 0 <= key_min <= key_max")
@@ -128,9 +130,8 @@ class SourceConfig:
                                   f"or files (local data); got name = {self.name!r}, "
                                   f"files = {self.files!r}")
         only = {"booksum": ("summary_field", "max_input_tokens", "truncate"),
-                "passkey": ("passkey_length", "passkey_length_min", "passkey_length_step",
-                            "depth_min", "depth_max", "key_min", "key_max",
-                            "supervise_key_copy")}
+                "passkey": ("passkey_length", "passkey_length_min", "depth_min", "depth_max",
+                            "key_min", "key_max", "supervise_key_copy")}
         for kind, names in only.items():
             for name in names:
                 if self.kind != kind and getattr(self, name) != defaults[name].default:

@@ -11,7 +11,7 @@ from dataclasses import fields
 
 from transformers import PreTrainedConfig
 
-from .config import ModelConfig
+from .config import RETIRED_FIELDS, ModelConfig
 
 
 class InfiniConfig(PreTrainedConfig):
@@ -33,5 +33,8 @@ class InfiniConfig(PreTrainedConfig):
     }
 
     def core_config(self) -> ModelConfig:
-        """The configuration the core model is built from."""
-        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
+        """The configuration the core model is built from (a retired field that an older
+        config.json holds is checked there: dropped at its old default, refused otherwise)."""
+        values = {f.name: getattr(self, f.name) for f in fields(ModelConfig)}
+        values |= {name: getattr(self, name) for name in RETIRED_FIELDS if hasattr(self, name)}
+        return ModelConfig.from_dict(values)

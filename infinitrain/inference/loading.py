@@ -19,6 +19,7 @@ from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..export.hf import HF_WEIGHTS_FILE, HF_WEIGHTS_INDEX, WEIGHT_PREFIX, export_config
 from ..layout import LATEST_POINTER, MODEL_CONFIG_FILE
 from ..model import InfiniTransformer, ModelConfig
+from ..model.config import RETIRED_FIELDS
 from ..model_dir import ModelDirError, load_model_dir, tokenizer_path
 
 
@@ -48,7 +49,7 @@ def load_exported(path: Path, device: torch.device,
     values = export_config(path)
     if values is None:
         return None
-    names = {field.name for field in fields(ModelConfig)}
+    names = {*(field.name for field in fields(ModelConfig)), *RETIRED_FIELDS}  # from_dict checks
     core = {name: value for name, value in values.items() if name in names}
     core.setdefault("tie_embeddings", values.get("tie_word_embeddings", False))  # re-saved
     model = InfiniTransformer(ModelConfig.from_dict(core))

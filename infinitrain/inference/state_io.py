@@ -7,6 +7,7 @@ many tokens were read into it. Its size does not depend on the document's length
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ..model import InfiniState, ModelConfig
+from ..model import ConfigError, InfiniState, ModelConfig
+from ..model.config import without_retired
 from ..model_dir import match_umask
 
 FORMAT = "infinitrain-state/1"
@@ -42,6 +44,17 @@ def config_fingerprint(config: ModelConfig) -> str:
     """A short hash of every field that shapes or interprets the state."""
     canonical = json.dumps(config.to_dict(), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def config_differences(saved: dict, config: ModelConfig) -> list[str]:
+    """The fields in which a state file's config ``saved`` and ``config`` differ, as "name saved
+    vs current"; a field retired since the file was written matches at its old default."""
+    with contextlib.suppress(ConfigError):  # a retired field at another value: listed below
+        saved = without_retired(saved)
+    current = config.to_dict()
+    names = [*current, *(name for name in saved if name not in current)]
+    return [f"{name} {saved.get(name)!r} vs {current.get(name)!r}" for name in names
+            if saved.get(name) != current.get(name)]
 
 
 def save_state(path: str | Path, state: InfiniState, config: ModelConfig, tokens_read: int,
@@ -83,12 +96,10 @@ def load_state(path: str | Path, config: ModelConfig,
         raise StateFileError(f"{path}: not an infinitrain state file (format "
                              f"{metadata.get('format')!r}, expected {FORMAT!r})")
     if metadata["config_fingerprint"] != config_fingerprint(config):
-        saved = json.loads(metadata["model_config"])
-        differences = ", ".join(f"{name} {saved.get(name)!r} vs {value!r}"
-                                for name, value in config.to_dict().items()
-                                if saved.get(name) != value)
-        raise StateFileError(f"{path}: saved by a different model configuration (state vs model: "
-                             f"{differences})")
+        differences = config_differences(json.loads(metadata["model_config"]), config)
+        if differences:  # none: the fingerprint counted a field retired since, at its old default
+            raise StateFileError(f"{path}: saved by a different model configuration (state vs "
+                                 f"model: {', '.join(differences)})")
     state = InfiniState.from_state_dict(tensors)
     if dtype is not None:
         for layer in state.layers:

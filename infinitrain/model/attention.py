@@ -160,7 +160,7 @@ class InfiniAttention(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """σ of queries or keys as this layer's memory reads and writes them."""
-        return feature_map(x, self.config.memory_rule, self.config.memory_features)
+        return feature_map(x, self.config.memory_rule)
 
     def write_logits(self, k: Tensor) -> Tensor:
         """x_t = k_t·w + b [..., H_kv] for raw keys k [..., H_kv, d]."""

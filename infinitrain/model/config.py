@@ -9,12 +9,32 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-MEMORY_FEATURES = ("elu", "signed")
 WRITE_GATE_ACTIVATIONS = ("sigmoid", "clamp")
+
+RETIRED_FIELDS: dict[str, tuple[Any, str]] = {
+    "memory_features": ("elu", "this version always uses σ = ELU + 1, the paper's feature map"),
+}
+"""Fields ModelConfig no longer has -> (their old default, what replaced them). A saved config
+(model_config.json, an export's config.json, a recipe's model section) may still hold one at its
+old default, which changes nothing and is dropped; any other value is refused: the model it
+describes cannot be built any more."""
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and the fix."""
+
+
+def without_retired(values: dict[str, Any],
+                    retired: dict[str, tuple[Any, str]] = RETIRED_FIELDS,
+                    path: str = "model") -> dict[str, Any]:
+    """``values`` (of the config at ``path``) less the ``retired`` fields (name -> (old default,
+    what replaced it)) they hold at their old default; ConfigError if one holds anything else."""
+    for name, (old, replacement) in retired.items():
+        if name in values and (type(values[name]) is not type(old) or values[name] != old):
+            where = f"{path}.{name}" if path else name
+            raise ConfigError(f"{where} = {values[name]!r}: removed (only its old default, "
+                              f"{old!r}, is still accepted); {replacement}")
+    return {name: value for name, value in values.items() if name not in retired}
 
 
 @dataclass(frozen=True)
@@ -36,7 +56,8 @@ class ModelConfig:
     """W: tokens at the end of the previous segment that local attention also reads (not in the
     paper: 0). Like Transformer-XL's cache, but bounded: the state keeps W keys/values per layer.
     It leaves the memory alone (each token is still written once, with its own segment) and lets
-    a question, key or answer that a boundary cuts be read whole (docs/memory-length.md §14).
+    a question, key or answer that a boundary cuts be read whole (docs/memory-length.md,
+    "Reading across the boundary: local overlap").
     Segments whose context a reset hides (a new document) use SDPA with a mask, not flash-attn."""
     memory_rule: str = "delta"
     """A registered rule of model/memory.py: 'linear' (M += σ(K)ᵀV) or 'delta'
@@ -46,12 +67,6 @@ class ModelConfig:
     """First layer with compressive memory; the layers below attend locally only. The paper gives
     every layer memory: 0. n_layers: no layer has memory, the local-attention baseline that the
     long-book comparison trains (recipes/books-local.yaml, books-xl.yaml)."""
-    memory_features: str = "elu"
-    """Feature map of queries and keys into memory: 'elu', the paper's σ(x) = ELU(x) + 1; or
-    'signed' (rules that do not read z: 'deltanet'), x / ‖x‖ as in DeltaNet: signed, so a
-    needle's key can be orthogonal to every filler key and survive their writes, where positive
-    features always overlap. (On the tiny passkey model it trained more slowly and retrieved less:
-    docs/memory-length.md §10.)"""
     memory_write_gate: bool = False
     """Rules that take a write strength ('deltanet'): each token writes with a learned strength
     β_t from x_t = k_t·w + b per key/value head (DeltaNet's β; see write_gate_activation), so
@@ -66,7 +81,8 @@ class ModelConfig:
     """Initial bias b of the write gate: sigmoid(b) (or clamp(b, 0, 1)) is every token's write
     strength before training. Negative (−4: 0.018) starts the memory writing weakly, so that
     filler piles up slowly and the model has to learn to raise β_t for what it keeps (at −4 the
-    tiny passkey model never learned to retrieve through memory: docs/memory-length.md §10)."""
+    tiny passkey model never learned to retrieve through memory: docs/memory-length.md,
+    "What did not work")."""
     gate_init: float = 0.0
     """Initial β of every head; sigmoid(0) = 0.5 mixes memory and local attention equally."""
     rope_theta: float = 500_000.0
@@ -109,14 +125,6 @@ class ModelConfig:
         if not 0 <= self.memory_from_layer <= self.n_layers:
             raise ConfigError(f"model.memory_from_layer = {self.memory_from_layer!r}: must be in "
                               f"[0, n_layers = {self.n_layers}] (n_layers: no memory at all)")
-        if self.memory_features not in MEMORY_FEATURES:
-            raise ConfigError(f"model.memory_features = {self.memory_features!r}: must be one of "
-                              f"{', '.join(MEMORY_FEATURES)}")
-        if self.memory_features == "signed" and rule.reads_norm:
-            raise ConfigError(f"model.memory_features = 'signed' needs a memory rule that does "
-                              f"not read z ({_rules_where(RULES, 'reads_norm', False)}), not "
-                              f"{self.memory_rule!r}: its read divides by σ(q)·z, which only "
-                              "positive features keep above zero")
         if self.memory_write_gate and not rule.takes_write_strength:
             raise ConfigError(f"model.memory_write_gate = true needs a memory rule that takes a "
                               f"write strength ({_rules_where(RULES, 'takes_write_strength', True)}"
@@ -167,6 +175,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """A config from its saved fields; a retired one at its old default is dropped."""
+        values = without_retired(values)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -176,7 +186,9 @@ class ModelConfig:
         return cls(**values)
 
     def with_updates(self, **changes: Any) -> ModelConfig:
-        return replace(self, **changes)
+        """A copy with ``changes``; a retired field at its old default is dropped."""
+        return replace(self, **without_retired(changes))
+
 
 
 PRESETS: dict[str, ModelConfig] = {

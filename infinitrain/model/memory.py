@@ -53,10 +53,9 @@ class MemoryRule:
     takes_write_strength = False
     """Whether a token's write can be scaled by a learned strength β_t (``memory_write_gate``)."""
 
-    def features(self, x: Tensor, signed: bool = False) -> Tensor:
-        """σ(x) = ELU(x) + 1, strictly positive so σ(q)·z > 0 once anything has been written.
-        ``signed`` (x itself) only for rules that do not read z."""
-        return x if signed else F.elu(x) + 1.0
+    def features(self, x: Tensor) -> Tensor:
+        """σ(x) = ELU(x) + 1, strictly positive so σ(q)·z > 0 once anything has been written."""
+        return F.elu(x) + 1.0
 
     def retrieve(self, sigma_q: Tensor, memory: Tensor, norm: Tensor) -> Tensor:
         """A_mem = σ(Q) M / (σ(Q) z); exactly 0 where nothing was written, never NaN.
@@ -137,9 +136,9 @@ class DeltaNetRule(MemoryRule):
     reads_norm = False
     takes_write_strength = True
 
-    def features(self, x: Tensor, signed: bool = False) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
         """σ(x) scaled to unit norm, which keeps each token's write a projection."""
-        mapped = super().features(x, signed)
+        mapped = super().features(x)
         return mapped / mapped.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
     def retrieve(self, sigma_q: Tensor, memory: Tensor, norm: Tensor) -> Tensor:
@@ -169,9 +168,9 @@ def rule_named(name: str) -> MemoryRule:
         raise KeyError(f"no memory rule {name!r}; registered: {', '.join(RULES)}") from None
 
 
-def feature_map(x: Tensor, rule: str, features: str = "elu") -> Tensor:
-    """The rule's σ(x), in float32; ``features='signed'`` skips the ELU (x itself)."""
-    return rule_named(rule).features(x.float(), signed=features == "signed")
+def feature_map(x: Tensor, rule: str) -> Tensor:
+    """The rule's σ(x), in float32."""
+    return rule_named(rule).features(x.float())
 
 
 @float32

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from ..data.sources import SourceConfig
 from ..data.streams import StreamConfig
 from ..model import ConfigError, ModelConfig, preset
+from ..model.config import without_retired
 from .typed import RecipeError, field_error, from_plain
 
 SEED_LIMIT = 2**32
@@ -47,9 +48,12 @@ class ModelSection:
         hints = typing.get_type_hints(ModelConfig)
         own = {"preset", "init"}
         overrides = {}
-        for key, item in value.items():
-            if key in own:
-                continue
+        try:
+            kept = without_retired({key: item for key, item in value.items() if key not in own},
+                                   path=path)
+        except ConfigError as error:
+            raise RecipeError(str(error)) from None
+        for key, item in kept.items():
             if key not in hints:
                 allowed = ", ".join([*sorted(own), *hints])
                 raise RecipeError(f"{path}.{key}: unknown field; allowed: {allowed}")
@@ -155,7 +159,8 @@ class OptimSection:
     write_penalty: float = 0.0
     """Weight of the memory's mean write strength in the loss (needs model.memory_write_gate):
     tokens the task does not need, such as filler, are pushed to write nothing, so the memory
-    stops changing with length instead of drifting (docs/memory-length.md §11). 0: off."""
+    stops changing with length instead of drifting (docs/memory-length.md,
+    "The write gate: length stops mattering"). 0: off."""
     write_gate_from_step: int = 0
     """Optimizer step from which the write gate trains (lr 0 before it). Until then every token
     writes at model.write_gate_init's strength, so the task's circuit forms as in a model without
@@ -163,7 +168,8 @@ class OptimSection:
     write_gate_below_loss: float = 0.0
     """If > 0, the write gate starts training only once the training loss's moving average
     (about 10 steps) is below this as well: when the task's circuit has formed, which varies
-    between runs by hundreds of steps (docs/memory-length.md §11). 0: at write_gate_from_step."""
+    between runs by hundreds of steps (docs/memory-length.md, "Why stage 1 is chaotic").
+    0: at write_gate_from_step."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "gate_lr_multiplier", "eps"):

@@ -14,6 +14,8 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from ..model.config import ConfigError, without_retired
+
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 """A float spelled as text: PyYAML reads ``1e-4`` (no dot) as a string."""
 
@@ -91,6 +93,10 @@ def dataclass_from_plain(cls: type, value: Any, path: str) -> Any:
     if not isinstance(value, dict):
         raise field_error(path, value,
                           f"expected a mapping with fields {', '.join(field_names(cls))}")
+    try:
+        value = without_retired(value, getattr(cls, "RETIRED_FIELDS", {}), path)
+    except ConfigError as error:
+        raise RecipeError(str(error)) from None
     hints = typing.get_type_hints(cls)
     known = field_names(cls)
     for key in value:

@@ -5,7 +5,8 @@ Until the gate starts, every token writes at ``model.write_gate_init``'s strengt
 learning rate is 0, so the task's circuit forms as in a model without a gate; a write penalty
 before then could close every write while the loss has no reason yet to keep any. With a loss
 threshold, the start waits for the training loss's moving average to fall below it, since when
-the circuit forms varies between runs by hundreds of steps (docs/memory-length.md §11).
+the circuit forms varies between runs by hundreds of steps (docs/memory-length.md,
+"Why stage 1 is chaotic").
 """
 
 from __future__ import annotations
