@@ -342,6 +342,11 @@ def test_perplexity_command_over_a_bundled_book(workdir):
         assert math.isfinite(run["perplexity"]) and 1 < run["perplexity"] < 10 * VOCAB
         assert len(run["segment_loss"]) == math.ceil((run["tokens"] + 2) / SEGMENT)
         assert all(math.isfinite(v) for v in run["segment_loss"])
+        (document,) = run["documents"]  # the per-segment counts re-weigh the losses exactly
+        counts = document["segment_tokens"]
+        assert sum(counts) == document["tokens"] == run["tokens"]
+        mean = sum(loss * n for loss, n in zip(document["segment_loss"], counts, strict=True))
+        assert math.isclose(math.exp(mean / sum(counts)), run["perplexity"], rel_tol=1e-9)
     assert len({run["perplexity"] for run in runs}) == 3
     assert (out / "p.png").read_bytes()[:4] == b"\x89PNG"
 

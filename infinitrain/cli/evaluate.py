@@ -74,13 +74,17 @@ def perplexity(
         source_config = source_for(data, split=split, config=config, text_field=text_field,
                                    min_tokens=min_tokens)
     results, loaded_models = [], []
+    tokenized: dict[str, list] = {}  # models that share a tokenizer share its documents
     for path in models:
         loaded, tokenizer = load_for_command(path, device, dtype)
-        with reported("--data"):
-            source = text_source(source_config, tokenizer)
-            documents = list(itertools.islice(source, max_docs))
-            if not documents:
-                raise UsageError(f"{data}: no document with at least {max(min_tokens, 1)} tokens")
+        key = tokenizer.backend.to_str()
+        if key not in tokenized:
+            with reported("--data"):
+                source = text_source(source_config, tokenizer)
+                tokenized[key] = list(itertools.islice(source, max_docs))
+        documents = tokenized[key]
+        if not documents:
+            raise UsageError(f"{data}: no document with at least {max(min_tokens, 1)} tokens")
         named = [(f"#{i}", doc) for i, doc in enumerate(documents)]
         ablations = ("empty",) * compare_empty_memory + ("off",) * compare_no_memory
         total = sum(len(doc) for doc in documents) * (1 + len(ablations))

@@ -147,7 +147,8 @@ class PerplexityResult:
             "segment_loss": self.segment_curve(),
             "documents": [{"name": d.name, "tokens": d.tokens, "perplexity": d.perplexity,
                            "segment_loss": [loss / count if count else None for loss, count
-                                            in zip(d.segment_nll, d.segment_tokens, strict=True)]}
+                                            in zip(d.segment_nll, d.segment_tokens, strict=True)],
+                           "segment_tokens": d.segment_tokens}
                           for d in self.documents],
         }
 
