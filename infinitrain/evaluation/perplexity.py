@@ -98,7 +98,7 @@ class PerplexityResult:
 
     @property
     def label(self) -> str:
-        """How tables and plots name this result: the model, and whether the memory was off."""
+        """How tables and plots name this result: the model, and how its memory was scored."""
         parts = [self.model, MEMORY_MODES[self.memory]]
         return ", ".join(filter(None, parts)) or "memory"
 

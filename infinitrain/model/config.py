@@ -66,7 +66,7 @@ class ModelConfig:
     memory_from_layer: int = 0
     """First layer with compressive memory; the layers below attend locally only. The paper gives
     every layer memory: 0. n_layers: no layer has memory, the local-attention baseline that the
-    long-book comparison trains (recipes/books-local.yaml, books-xl.yaml)."""
+    long-book comparison trains (recipes/books.yaml, its local and xl arms)."""
     memory_write_gate: bool = False
     """Rules that take a write strength ('deltanet'): each token writes with a learned strength
     β_t from x_t = k_t·w + b per key/value head (DeltaNet's β; see write_gate_activation), so
@@ -188,7 +188,6 @@ class ModelConfig:
     def with_updates(self, **changes: Any) -> ModelConfig:
         """A copy with ``changes``; a retired field at its old default is dropped."""
         return replace(self, **without_retired(changes))
-
 
 
 PRESETS: dict[str, ModelConfig] = {
