@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import apply_rope, rope_frequencies
+from .layers import apply_rope, rope_tables
 from .memory import feature_map, retrieve, scan, update
 from .state import LayerState
 
@@ -192,12 +192,12 @@ class InfiniAttention(nn.Module):
         context) to L − 1, so a segment always starts at 0; the context's width is read from it,
         so it is w before the first segment is complete and model.local_overlap after."""
         w, total = context_keys.shape[1], keys.shape[1]
-        positions = torch.arange(-w, total, device=q.device)
-        inv_freq = rope_frequencies(self.config, q.device)
+        key_cos, key_sin = rope_tables(self.config, q.device, -w, total)
+        query_rows = slice(w + total - q.shape[1], None)
         seen_keys, seen_values, key_mask = with_context(keys, values, context_keys,
                                                         context_values, visible)
-        return local_attention(apply_rope(q, positions[w + total - q.shape[1]:], inv_freq),
-                               apply_rope(seen_keys, positions, inv_freq), seen_values, key_mask)
+        return local_attention(apply_rope(q, key_cos[query_rows], key_sin[query_rows]),
+                               apply_rope(seen_keys, key_cos, key_sin), seen_values, key_mask)
 
     def _segments(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState,
                   reset: Tensor | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -55,11 +56,39 @@ def rope_frequencies(config: ModelConfig, device: torch.device | None = None) ->
     return torch.where(medium, blended, scaled)
 
 
-def apply_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
-    """Rotate x [..., L, H, d] by ``positions`` [L] (Llama's rotate-half convention)."""
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[:, None, :]
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[:, None, :]
-    first, second = x.float().chunk(2, dim=-1)
+def rope_tables(config: ModelConfig, device: torch.device, first: int,
+                stop: int) -> tuple[Tensor, Tensor]:
+    """cos and sin [stop − first, 1, head_dim] of RoPE positions first … stop − 1, in float32.
+
+    Every position a segment uses lies in −W … N − 1 (W = local_overlap, the context before the
+    segment's first token), so one table per model shape and device serves every call: cached,
+    rather than recomputed by each attention layer for its queries and again for its keys.
+    Inside a compiled graph the table is computed in it, where the compiler folds it.
+    """
+    build = _rope_table if torch.compiler.is_compiling() else _cached_rope_table
+    cos, sin = build(config, torch.device(device))
+    rows = slice(first + config.local_overlap, stop + config.local_overlap)
+    return cos[rows, None], sin[rows, None]
+
+
+def _rope_table(config: ModelConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin [W + N, head_dim] of positions −W … N − 1. Built outside inference mode and
+    autograd, so that a table first made while generating can serve training too."""
+    with torch.inference_mode(False), torch.no_grad():
+        positions = torch.arange(-config.local_overlap, config.segment_len, device=device,
+                                 dtype=torch.float32)
+        angles = positions[:, None] * rope_frequencies(config, device)[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+_cached_rope_table = functools.lru_cache(maxsize=16)(_rope_table)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [..., L, H, d] by the angles of :func:`rope_tables` (Llama's rotate-half
+    convention), in float32."""
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return (x32 * cos + rotated * sin).to(x.dtype)
