@@ -1,9 +1,15 @@
-"""benchmarks/gpu.py on the CPU: its FLOP count by hand and by torch's counter, and a smoke run."""
+"""benchmarks/gpu.py on the CPU: its FLOP count by hand and by torch's counter, and a smoke run;
+benchmarks/timing.py's turn-taking and benchmarks/peers.py's results."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import os
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from unittest import mock
@@ -53,18 +59,25 @@ def test_flops_per_token_matches_a_hand_count(gpu: ModuleType, rule: str) -> Non
 def test_dense_and_memory_flops_match_torch_flop_counter(gpu: ModuleType, rule: str) -> None:
     """The model's own matmuls, counted by torch, against the formula (local attention stubbed
     out, its count checked by hand above). torch counts neither the Σσ(K) sums nor the
-    triangular solve, so those come off."""
+    triangular solve, so those come off. It does count the carried sums that give z (and the
+    linear rule's M) before every segment of a window at once: a 0/1 matrix of (S + 1)² over
+    the states, per window rather than per token (under 0.4% of the memory's FLOPs in a 1b
+    window), so not in the formula."""
     config = preset("tiny", memory_rule=rule)
     model = InfiniTransformer(config)
-    tokens = 3 * config.segment_len
+    segments = 3
+    tokens = segments * config.segment_len
     with (mock.patch.object(attention_module, "local_attention", lambda q, *_: q),
           FlopCounterMode(display=False) as counter, torch.no_grad()):
         model(torch.randint(0, config.vocab_size, (1, tokens)))
     per_token = gpu.forward_flops_per_token(config)
-    uncounted = config.n_layers * config.n_kv_heads * config.head_dim * (
+    d = config.head_dim
+    uncounted = config.n_layers * config.n_kv_heads * d * (
         1 + (config.segment_len - 1 if rule == "deltanet" else 0))
+    carried = config.n_layers * 2 * (segments + 1) ** 2 * config.n_kv_heads * (
+        d + (d * d if rule == "linear" else 0))
     assert counter.get_total_flops() == tokens * (
-        per_token["dense"] + per_token["memory"] - uncounted)
+        per_token["dense"] + per_token["memory"] - uncounted) + carried
 
 
 def test_peak_table_prefers_the_specific_name(gpu: ModuleType) -> None:
@@ -103,3 +116,84 @@ def test_cpu_smoke_run_writes_the_results_json(gpu: ModuleType, tmp_path: Path,
     assert set(precision) == {"linear", "delta", "deltanet"}
     assert all(error < 1e-5 for rule in precision.values() for error in rule["fp32"].values())
     assert 1e-4 < precision["delta"]["bf16"]["retrieve"] < 5e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/timing.py and benchmarks/peers.py
+
+BENCHMARKS = REPO / "benchmarks"
+
+
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """benchmarks/<name>.py as a module, with benchmarks/ on sys.path as when run as a script
+    (peers.py imports timing.py), registered in sys.modules (its dataclasses look it up)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interleaved_timing_takes_turns_after_one_warm_up_each(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    timing = load_benchmark("timing", monkeypatch)
+    calls: list[str] = []
+    fns = {name: lambda name=name: calls.append(name) for name in "abc"}
+    timings = timing.interleaved(fns, rounds=3, steps=2)
+    assert calls == ["a", "b", "c"] + ["a", "a", "b", "b", "c", "c"] * 3
+    assert {name: [len(steps) for steps in rounds] for name, rounds in timings.items()} == {
+        name: [2, 2, 2] for name in "abc"}
+    assert all(seconds >= 0 for rounds in timings.values() for steps in rounds
+               for seconds in steps)
+
+
+def test_median_rate_pools_each_rounds_calls_then_takes_the_median(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    timing = load_benchmark("timing", monkeypatch)
+    assert timing.median_rate([[1.0], [0.5], [2.0]], work_per_call=10) == 10  # 10, 20, 5 per s
+    assert timing.median_rate([[1.0, 3.0]], work_per_call=4) == 2  # 8 units in 4 s
+
+
+def test_a_peer_that_is_not_importable_is_skipped_with_the_install_command(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    peers = load_benchmark("peers", monkeypatch)
+    absent = dataclasses.replace(peers.IMPLS["lucidrains"], package="infinitrain_no_such_peer")
+    reason = peers.skip_reason(absent)
+    assert reason.startswith("lucidrains: skipped") and "pip install -e '.[peers]'" in reason
+    assert peers.skip_reason(peers.IMPLS["llama"]) is None  # transformers is a dependency
+
+
+def test_peers_quick_run_reports_medians_and_their_ratios(tmp_path: Path) -> None:
+    """The script's own command line in a fresh process (its prefill runs start children of
+    their own), with or without the lucidrains package installed."""
+    out = tmp_path / "peers.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "peers.py"), "--quick", "--configs", "tiny:1",
+         "--batch", "1", "--prefill-tokens", "512", "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    lucidrains = importlib.util.find_spec("infini_transformer_pytorch") is not None
+    expected = ["infinitrain", "lucidrains", "llama"] if lucidrains else ["infinitrain", "llama"]
+    assert results["impls"] == expected
+    assert lucidrains or "pip install -e '.[peers]'" in done.stdout
+    assert f"{results['threads']} threads" in done.stdout.splitlines()[0]
+
+    (training,) = results["training"]
+    assert training["tokens_per_step"] == 64
+    rates = training["tokens_per_s"]
+    for name in expected:
+        assert rates[name] > 0
+        assert rates[name] == pytest.approx(statistics.median(
+            64 * len(steps) / sum(steps) for steps in training["seconds"][name]))
+    assert training["ratios"] == pytest.approx(
+        {f"infinitrain/{peer}": rates["infinitrain"] / rates[peer] for peer in expected[1:]})
+
+    (prefill,) = results["prefill"]
+    assert prefill["tokens"] == 512
+    for name in expected:
+        run = prefill["runs"][name]
+        assert run["tokens_per_s"] > 0 and run["peak_rss_mib"] >= run["rss_before_mib"] > 0
+    assert "infinitrain/llama" in done.stdout

@@ -68,20 +68,33 @@ class MemoryRule:
         safe = torch.where(written, denominator, torch.ones_like(denominator))
         return torch.where(written, numerator / safe, torch.zeros_like(numerator))
 
-    def written_values(self, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
-                       strength: Tensor | None) -> Tensor:
-        """What is added along each key: M_s = M_{s-1} + σ(K)ᵀ · this. Linear: V itself."""
-        return values
+    def memories(self, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
+                 reset: Tensor | None = None,
+                 strength: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """M and z before each of S segments and after the last, from the state before the first.
+
+        sigma_k [B, S, H, N, d_k], values [B, S, H, N, d_v], memory [B, H, d_k, d_v],
+        norm [B, H, d_k]; reset [B, S] bool empties a stream's memory before that segment;
+        strength [B, S, H, N]: β_t per token (None: 1), for rules that take it.
+        Returns memories [B, S + 1, H, d_k, d_v] and norms [B, S + 1, H, d_k].
+
+        Linear: M_s = M_{s-1} + σ(K)ᵀV needs no earlier state, so every segment's memory is one
+        carried sum (:func:`carried_sums`): no loop over segments at all.
+        """
+        memories = carried_sums(memory, sigma_k.transpose(-1, -2) @ values, reset)
+        return memories, carried_sums(norm, sigma_k.sum(dim=-2), reset)
 
     def update(self, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
                strength: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Write one whole segment into memory; returns (M_s, z_s).
 
-        sigma_k [..., N, d_k], values [..., N, d_v], memory [..., d_k, d_v], norm [..., d_k];
-        strength [..., N]: β_t per token (None: 1), for rules that take it.
+        sigma_k [B, H, N, d_k], values [B, H, N, d_v], memory [B, H, d_k, d_v], norm [B, H, d_k];
+        strength [B, H, N] or None. :meth:`memories` over one segment.
         """
-        written = self.written_values(sigma_k, values, memory, norm, strength)
-        return memory + sigma_k.transpose(-1, -2) @ written, norm + sigma_k.sum(dim=-2)
+        memories, norms = self.memories(
+            sigma_k[:, None], values[:, None], memory, norm, None,
+            None if strength is None else strength[:, None])
+        return memories[:, -1], norms[:, -1]
 
     def flops_per_token(self, query_heads: int, kv_heads: int, head_dim: int,
                         segment_len: int) -> int:
@@ -113,9 +126,26 @@ class DeltaRule(MemoryRule):
 
     name = "delta"
 
-    def written_values(self, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
-                       strength: Tensor | None) -> Tensor:
-        return values - self.retrieve(sigma_k, memory, norm)
+    def memories(self, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
+                 reset: Tensor | None = None,
+                 strength: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """What a segment writes depends on the memory before it, so the segments are scanned;
+        everything that does not is computed for all of them before the loop (z, which grows
+        by Σσ(K) whatever M holds, and each key's 1 / σ(k)z), leaving one matmul, one fused
+        multiply-subtract and one matmul-add per segment."""
+        norms = carried_sums(norm, sigma_k.sum(dim=-2), reset)
+        key_norms = sigma_k @ norms[:, :-1, ..., None]
+        written = key_norms > 0
+        inverse = torch.where(written, 1 / torch.where(written, key_norms, 1.0), 0.0)
+        keys_t = sigma_k.transpose(-1, -2)
+
+        def step(s: int, memory: Tensor) -> Tensor:
+            residual = torch.addcmul(values[:, s], sigma_k[:, s] @ memory, inverse[:, s],
+                                     value=-1)
+            return torch.baddbmm(memory.flatten(0, -3), keys_t[:, s].flatten(0, -3),
+                                 residual.flatten(0, -3)).view_as(memory)
+
+        return scanned(memory, step, sigma_k.shape[1], reset), norms
 
     def flops_per_token(self, query_heads: int, kv_heads: int, head_dim: int,
                         segment_len: int) -> int:
@@ -144,12 +174,27 @@ class DeltaNetRule(MemoryRule):
     def retrieve(self, sigma_q: Tensor, memory: Tensor, norm: Tensor) -> Tensor:
         return sigma_q @ memory
 
-    def written_values(self, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
-                       strength: Tensor | None) -> Tensor:
-        gram, residual = sigma_k @ sigma_k.transpose(-1, -2), values - sigma_k @ memory
+    def memories(self, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
+                 reset: Tensor | None = None,
+                 strength: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The residuals are linear in the memory before the segment: U = T⁻¹diag(β)V −
+        T⁻¹diag(β)K · M_0 with T = I + diag(β) tril(KKᵀ, −1). Both solves run for every segment
+        at once before the loop (one triangular solve with [V | K] as right-hand side), leaving
+        two matmuls per segment."""
+        d_v = values.shape[-1]
+        gram = sigma_k @ sigma_k.transpose(-1, -2)
+        right = torch.cat([values, sigma_k], dim=-1)
         if strength is not None:
-            gram, residual = strength[..., None] * gram, strength[..., None] * residual
-        return torch.linalg.solve_triangular(gram, residual, upper=False, unitriangular=True)
+            gram, right = strength[..., None] * gram, strength[..., None] * right
+        solved = torch.linalg.solve_triangular(gram, right, upper=False, unitriangular=True)
+        from_values, from_memory = solved[..., :d_v], solved[..., d_v:]
+        keys_t = sigma_k.transpose(-1, -2)
+
+        def step(s: int, memory: Tensor) -> Tensor:
+            return memory + keys_t[:, s] @ (from_values[:, s] - from_memory[:, s] @ memory)
+
+        return (scanned(memory, step, sigma_k.shape[1], reset),
+                carried_sums(norm, sigma_k.sum(dim=-2), reset))
 
     def flops_per_token(self, query_heads: int, kv_heads: int, head_dim: int,
                         segment_len: int) -> int:
@@ -196,15 +241,52 @@ def scan(sigma_q: Tensor, sigma_k: Tensor, values: Tensor, memory: Tensor, norm:
     sigma_k [B, S, H_kv, N, d_k], values [B, S, H_kv, N, d_v], memory/norm the state before the
     first segment, reset [B, S] bool empties a stream's memory before that segment, strength
     [B, S, H_kv, N] the write strengths (see :func:`update`).
-    Returns (A_mem [B, S, H_kv, L_q, d_v], M_S, z_S).
+    Returns (A_mem [B, S, H_kv, L_q, d_v], M_S, z_S). The rule computes the states before every
+    segment (:meth:`MemoryRule.memories`); every segment's read is then one batched matmul.
     """
-    retrieved = []
-    for s in range(sigma_q.shape[1]):
-        if reset is not None:
-            keep = ~reset[:, s, None, None]
-            memory = torch.where(keep[..., None], memory, torch.zeros_like(memory))
-            norm = torch.where(keep, norm, torch.zeros_like(norm))
-        retrieved.append(retrieve(sigma_q[:, s], memory, norm, rule))
-        memory, norm = update(sigma_k[:, s], values[:, s], memory, norm, rule,
-                              None if strength is None else strength[:, s])
-    return torch.stack(retrieved, dim=1), memory, norm
+    math = rule_named(rule)
+    memories, norms = math.memories(sigma_k, values, memory, norm, reset, strength)
+    retrieved = math.retrieve(sigma_q, memories[:, :-1], norms[:, :-1])
+    # Copies, so that the state carried on does not keep every segment's memory alive.
+    return retrieved, memories[:, -1].clone(), norms[:, -1].clone()
+
+
+def carried_sums(initial: Tensor, increments: Tensor, reset: Tensor | None) -> Tensor:
+    """A running sum before each of S segments and after the last: initial [B, ...] plus the
+    increments [B, S, ...] of the segments before, where reset [B, S] before a segment erases
+    everything added before it. Returns [B, S + 1, ...], all at once: one matmul with the 0/1
+    matrix of which item (the initial value, then each increment) each state still holds."""
+    b, s = increments.shape[:2]
+    items = torch.cat([initial[:, None], increments], dim=1)
+    holds = _holds(b, s, reset, initial.device).to(items.dtype)
+    return (holds @ items.flatten(2)).view(items.shape)
+
+
+def _holds(batch: int, segments: int, reset: Tensor | None, device: torch.device) -> Tensor:
+    """[B, S + 1, S + 1] bool: whether the state before segment s (s = S: after the last) still
+    holds item i (i = 0: the initial state; i ≥ 1: what segment i − 1 wrote); it does when
+    i ≤ s and no reset came at segments i … s."""
+    position = torch.arange(segments + 1, device=device)
+    holds = (position[:, None] >= position[None, :]).expand(batch, -1, -1)
+    if reset is None:
+        return holds
+    resets = F.pad(reset, (0, 1)).int()
+    before = resets.cumsum(dim=1)  # resets at segments 0 … s
+    between = before[:, :, None] - before[:, None, :] + resets[:, None, :]  # at i … s
+    return holds & (between == 0)
+
+
+def scanned(memory: Tensor, step: Callable[[int, Tensor], Tensor], segments: int,
+            reset: Tensor | None) -> Tensor:
+    """M before each of ``segments`` segments and after the last [B, S + 1, ...], from M before
+    the first [B, ...] and ``step(s, M) -> M`` writing segment s; reset [B, S] empties a
+    stream's memory before that segment."""
+    keep = None if reset is None else (~reset).to(memory.dtype)
+    states = []
+    for s in range(segments):
+        if keep is not None:
+            memory = memory * keep[:, s].view(-1, *[1] * (memory.dim() - 1))
+        states.append(memory)
+        memory = step(s, memory)
+    states.append(memory)
+    return torch.stack(states, dim=1)
