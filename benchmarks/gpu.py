@@ -45,7 +45,7 @@ from infinitrain.training.flops import (
     forward_flops_per_token,
     peak_bf16_tflops,
 )
-from infinitrain.training.module import supervised_loss_sum
+from infinitrain.training.loss import supervised_loss_sum
 
 LOSS_CHUNK_TOKENS = 4096
 """As infinitrain/training/module.py: the output layer and cross-entropy run 4096 tokens at a

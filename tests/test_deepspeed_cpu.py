@@ -226,8 +226,8 @@ def test_ranks_with_different_numbers_of_loss_chunks_do_not_deadlock(tmp_path):
     """16-token loss chunks: a rank with 100 summary tokens runs the output layer (a ZeRO-3
     gather) 7 times, one with none would run it once and leave the other waiting forever."""
     launcher = tmp_path / "launch.py"
-    launcher.write_text("import infinitrain.training.module as module\n"
-                        "module.LOSS_CHUNK_TOKENS = 16\n"
+    launcher.write_text("import infinitrain.training.loss as loss\n"
+                        "loss.LOSS_CHUNK_TOKENS = 16\n"
                         "from infinitrain.cli import app\n"
                         "app(prog_name='infinitrain')\n")
     pretrain(tmp_path / "run", 6, CHAPTERS, command=[sys.executable, str(launcher)])

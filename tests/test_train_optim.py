@@ -1,4 +1,4 @@
-"""Optimizer groups, the learning-rate schedule and the chunked loss of the training module."""
+"""Optimizer groups and the learning-rate schedule of the training module."""
 
 from __future__ import annotations
 
@@ -7,13 +7,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from infinitrain.data import IGNORE_INDEX
 from infinitrain.model.attention import InfiniAttention
 from infinitrain.recipe import load_recipe
-from infinitrain.training import module as training_module
-from infinitrain.training.module import StreamingLM, supervised_loss_sum
+from infinitrain.training.module import StreamingLM
 from infinitrain.training.optim import lr_factor
 
 
@@ -78,33 +75,6 @@ def test_schedule_warms_up_then_decays_to_the_floor_at_the_recipe_length():
     assert factors[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert factors[110] == factors[129] == pytest.approx(0.1)
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
-
-
-def test_chunked_loss_equals_the_plain_one(monkeypatch):
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False)
-    hidden = torch.randn(2, 40, 16, requires_grad=True)
-    labels = torch.randint(0, 50, (2, 40))
-    labels[0, :25] = IGNORE_INDEX
-    expected = F.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), reduction="sum")
-    expected_grads = torch.autograd.grad(expected, [hidden, head.weight])
-    monkeypatch.setattr(training_module, "LOSS_CHUNK_TOKENS", 7)  # 55 targets: 8 chunks
-    loss = supervised_loss_sum(hidden, labels, head)
-    grads = torch.autograd.grad(loss, [hidden, head.weight])
-    torch.testing.assert_close(loss, expected)
-    for got, want in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want)
-
-
-def test_a_rank_without_targets_still_reaches_every_head_parameter():
-    """DDP and ZeRO wait for every parameter's gradient on every rank, zero or not."""
-    head = torch.nn.Linear(8, 10, bias=False)
-    hidden = torch.randn(1, 4, 8, requires_grad=True)
-    labels = torch.full((1, 4), IGNORE_INDEX)
-    loss = supervised_loss_sum(hidden, labels, head)
-    loss.backward()
-    assert loss.item() == 0.0
-    assert head.weight.grad is not None and not head.weight.grad.any()
 
 
 def test_the_write_gate_schedule_waits_for_its_step_and_the_loss_average():

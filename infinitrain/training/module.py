@@ -21,27 +21,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.checkpoint import checkpoint
 
 from ..data import IGNORE_INDEX, Window
 from ..model import InfiniState, InfiniTransformer
 from ..recipe import Recipe
 from .checkpoint import load_rank_streams
+from .loss import supervised_loss_sum
 from .optim import build_optimizer, build_scheduler
 from .weights import load_initial_weights
 from .write_gate import WriteGateSchedule
 
 OPTIM_HYPERPARAMETERS = ("betas", "eps", "weight_decay")
 """Per-group optimizer settings besides the learning rate that a restored state carries."""
-
-LOSS_CHUNK_TOKENS = 4096
-"""Supervised tokens per chunk of the output-layer + cross-entropy computation: 4096 × a 128K
-vocabulary is 2 GB of float32 logits, instead of one [B·k·N, vocab] tensor for the whole window."""
-
 
 class NonFiniteError(RuntimeError):
     """Training produced NaN or inf; the message names the step, the quantity and what to try."""
@@ -88,6 +82,8 @@ class StreamingLM(LightningModule):
             return
         self.model = InfiniTransformer(self.recipe.model_config)
         self.model.activation_checkpointing = self.recipe.train.activation_checkpointing
+        if self.recipe.train.compile:
+            self.model.compile_blocks()
         if self.init is not None:
             load_initial_weights(self.model, self.init, self.trainer.is_global_zero)
 
@@ -227,40 +223,3 @@ class StreamingLM(LightningModule):
         """Supervised tokens of this window summed over ranks (the same number on every rank)."""
         local = (window.labels != IGNORE_INDEX).sum()
         return int(self.trainer.strategy.reduce(local, reduce_op="sum"))
-
-
-def supervised_loss_sum(hidden: Tensor, labels: Tensor, head: nn.Module) -> Tensor:
-    """Summed next-token cross-entropy over supervised positions.
-
-    Chunks beyond the first are recomputed in the backward rather than kept, so memory holds one
-    chunk's logits at a time. The head runs at least once, even on no tokens, so that every
-    parameter takes part in the backward (DDP and ZeRO expect it on every rank).
-
-    Every rank runs the head the same number of times, forward and backward: the most chunks any
-    rank has, empty ones included. Under ZeRO-3 each head call gathers its weights from every
-    rank, so a rank with fewer supervised tokens would otherwise leave the others waiting forever.
-    """
-    mask = labels != IGNORE_INDEX
-    hidden, targets = hidden[mask], labels[mask]
-    chunks = _most_chunks_of_any_rank(len(targets), hidden.device)
-    if chunks == 1:
-        return _cross_entropy_sum(hidden, targets, head)
-    return sum(checkpoint(_cross_entropy_sum, hidden[start:start + LOSS_CHUNK_TOKENS],
-                          targets[start:start + LOSS_CHUNK_TOKENS], head, use_reentrant=False)
-               for start in range(0, chunks * LOSS_CHUNK_TOKENS, LOSS_CHUNK_TOKENS))
-
-
-def _most_chunks_of_any_rank(tokens: int, device: torch.device) -> int:
-    """Loss chunks of ``tokens`` supervised tokens (at least one), the maximum over the ranks
-    of a distributed run."""
-    chunks = max(1, -(-tokens // LOSS_CHUNK_TOKENS))
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1):
-        return chunks
-    most = torch.tensor(chunks, device=device)
-    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-    return int(most)
-
-
-def _cross_entropy_sum(hidden: Tensor, targets: Tensor, head: nn.Module) -> Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
