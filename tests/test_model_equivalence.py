@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -189,6 +190,25 @@ def test_chunk_invariance_of_logits_state_and_gradients(rule: str) -> None:
             assert torch.allclose(ours.norm, theirs.norm, atol=1e-5)
         for name, grad in grads.items():
             assert torch.allclose(grad, full_grads[name], atol=1e-5), name
+
+
+def test_compiled_blocks_read_a_stream_as_eager_does_however_it_is_chunked() -> None:
+    """``compile_blocks`` (--compile): a stream cut mid-segment (new shapes: compiled again,
+    with symbolic sizes) gives eager's whole-window logits. Training under compilation:
+    tests/test_train_cli.py."""
+    torch.manual_seed(1)
+    eager = InfiniTransformer(small_config("delta", n_layers=1)).eval()
+    randomise_gates(eager)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    n = eager.config.segment_len
+    ids = torch.randint(0, 97, (2, 3 * n))
+    reset = torch.zeros(2, 3, dtype=torch.bool)
+    reset[1, 1] = True
+    with torch.no_grad():
+        expected, _ = eager(ids, reset=reset)
+        streamed, _ = chunked_forward(compiled, ids, [n + 3, 2 * n - 3], reset)
+    assert (streamed - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("rule", MODEL_RULES)

@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 from typer.testing import CliRunner
 
 from infinitrain.cli import app
@@ -352,3 +353,21 @@ def test_until_the_write_gate_starts_the_run_is_the_run_without_a_gate(tmp_path)
     for name, tensor in shared.items():  # up to float rounding (a clipped gate: ~2e-3 apart)
         difference = (tensor - weights["plain"][name]).abs().max()
         assert difference <= 1e-4, f"{name}: {difference}"
+
+
+def test_compiled_training_matches_eager_and_resumes_exactly(straight_run, tmp_path):
+    """train.compile: the same losses as eager (up to the compiler's reassociation), and a
+    stopped and resumed compiled run is bit-identical to a straight compiled one."""
+    compiled = [*SMALL, "train.compile=true"]
+    straight = tmp_path / "straight"
+    graphs = counters["stats"]["unique_graphs"]
+    trained(straight, "--max-steps", str(STEPS), overrides=compiled)
+    assert counters["stats"]["unique_graphs"] > graphs  # it did compile
+    eager, curve = losses(straight_run), losses(straight)
+    assert curve.keys() == eager.keys()
+    assert all(abs(curve[step] - eager[step]) < 1e-4 for step in curve), (curve, eager)
+    resumed = tmp_path / "resumed"
+    trained(resumed, "--max-steps", str(STEPS // 2), overrides=compiled)
+    trained(resumed, "--max-steps", str(STEPS), "--resume", "auto", overrides=compiled)
+    assert losses(resumed) == curve
+    assert_same_end(resumed, straight)

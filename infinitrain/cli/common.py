@@ -30,10 +30,15 @@ WindowOption = Annotated[int, typer.Option(
     "less memory; results do not depend on it.")]
 JsonOption = Annotated[Path | None, typer.Option("--json", help="Write results and settings here.")]
 PlotOption = Annotated[Path | None, typer.Option("--plot", help="Write a PNG figure here.")]
+CompileOption = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the model's blocks: slower to start (about a minute), "
+                      "faster on long inputs where the machine gains from it.")]
 
 
-def load_for_command(path: Path, device: str, dtype: str, need_tokenizer: bool = True):
-    """(LoadedModel, Tokenizer | None) for ``--model``, every failure as a one-line error."""
+def load_for_command(path: Path, device: str, dtype: str, need_tokenizer: bool = True,
+                     compile: bool = False):
+    """(LoadedModel, Tokenizer | None) for ``--model``, every failure as a one-line error;
+    ``compile``: its blocks compiled (``--compile``)."""
     from ..inference.loading import choose_device, choose_dtype, load_model, load_with_tokenizer
 
     with reported("--device"):
@@ -41,9 +46,13 @@ def load_for_command(path: Path, device: str, dtype: str, need_tokenizer: bool =
     with reported("--dtype"):
         torch_dtype = choose_dtype(dtype, torch_device)
     with reported("--model"):
-        if not need_tokenizer:
-            return load_model(path, torch_device, torch_dtype), None
-        return load_with_tokenizer(path, torch_device, torch_dtype)
+        if need_tokenizer:
+            loaded, tokenizer = load_with_tokenizer(path, torch_device, torch_dtype)
+        else:
+            loaded, tokenizer = load_model(path, torch_device, torch_dtype), None
+    if compile:
+        loaded.model.compile_blocks()
+    return loaded, tokenizer
 
 
 def written(kind: str, path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .common import (
+    CompileOption,
     DeviceOption,
     DtypeOption,
     JsonOption,
@@ -60,6 +61,7 @@ def perplexity(
     plot: PlotOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    compile: CompileOption = False,
 ) -> None:
     """Token-level perplexity over whole documents, streamed through memory, by position in them."""
     import itertools
@@ -76,7 +78,7 @@ def perplexity(
     results, loaded_models = [], []
     tokenized: dict[str, list] = {}  # models that share a tokenizer share its documents
     for path in models:
-        loaded, tokenizer = load_for_command(path, device, dtype)
+        loaded, tokenizer = load_for_command(path, device, dtype, compile=compile)
         key = tokenizer.backend.to_str()
         if key not in tokenized:
             with reported("--data"):
@@ -158,6 +160,7 @@ def passkey(
     plot: PlotOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    compile: CompileOption = False,
 ) -> None:
     """Passkey retrieval (Landmark format, greedy) per length × depth, with bounded memory."""
     from ..data.passkey import FILLER, PasskeyGenerator, haystack_tokens
@@ -176,7 +179,7 @@ def passkey(
         settings = PasskeySettings(tuple(parse_lengths(lengths)), tuple(parse_depths(depths)),
                                    samples, seed, window_segments, not no_memory, max_new_tokens,
                                    key_min, key_max, offsets, filler or FILLER, haystack)
-    loaded, tokenizer = load_for_command(model, device, dtype)
+    loaded, tokenizer = load_for_command(model, device, dtype, compile=compile)
     haystack_ids = None
     if haystack is not None:
         with reported("--haystack"):
@@ -244,6 +247,7 @@ def booksum(
     json_path: JsonOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    compile: CompileOption = False,
 ) -> None:
     """Summarise whole books read through memory; ROUGE-1/2/L and their geometric mean."""
     import itertools
@@ -259,7 +263,7 @@ def booksum(
         budget = parse_token_count(max_input_tokens, "--max-input-tokens")
         settings = BookSumSettings(max_new_tokens, temperature, top_p, seed, window_segments,
                                    not no_memory)
-    loaded, tokenizer = load_for_command(model, device, dtype)
+    loaded, tokenizer = load_for_command(model, device, dtype, compile=compile)
     with reported("--data"):
         source = source_for(data, split=split, config=config, text_field=text_field,
                             kind="booksum", summary_field=summary_field,

@@ -9,6 +9,7 @@ import typer
 
 from ..evaluation.options import human_bytes
 from .common import (
+    CompileOption,
     DeviceOption,
     DtypeOption,
     ModelOption,
@@ -47,6 +48,7 @@ def generate(
         = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    compile: CompileOption = False,
 ) -> None:
     """Read a document once, save its memory state, and answer prompts from it later.
 
@@ -66,7 +68,7 @@ def generate(
             raise UsageError("--save-state saves what --file reads: give --file too")
     with reported():
         sampling = SamplingConfig(temperature, top_p, seed)
-    loaded, tokenizer = load_for_command(model, device, dtype)
+    loaded, tokenizer = load_for_command(model, device, dtype, compile=compile)
     config, weight = loaded.model.config, loaded.model.embed_tokens.weight
     tokens_read, memory = 0, None
     if state is not None:

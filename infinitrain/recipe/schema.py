@@ -228,6 +228,9 @@ class TrainSection:
     """ZeRO stage and offloading."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward: memory for long windows, ~30% time."""
+    compile: bool = False
+    """torch.compile every block (CPU and GPU). Costs about a minute of compilation when the run
+    starts; what it gains depends on the machine (benchmarks/RESULTS.md)."""
     seed: int = 0
     """Seeds the weights' initialisation and the data order (0 to 2**32 - 1: what the random
     number generators accept)."""
