@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from infinitrain.recipe import DeepSpeedSection, RecipeError, load_recipe
-from infinitrain.training.strategy import check_fits, deepspeed_config, plan
+from infinitrain.training.strategy import check_fits, deepspeed_config, plan, threads_per_process
 
 GIB = 2**30
 
@@ -50,3 +52,19 @@ def test_gradient_clipping_goes_into_the_deepspeed_config():
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert config["train_micro_batch_size_per_gpu"] == recipe.data.streams
+
+
+@pytest.mark.parametrize(("environ", "processes", "expected"), [
+    ({"OMP_NUM_THREADS": "3"}, 4, None),  # the user's choice, which torch follows by itself
+    ({"OMP_NUM_THREADS": "3", "SLURM_CPUS_PER_TASK": "6"}, 4, None),
+    ({"SLURM_CPUS_PER_TASK": "6"}, 8, 6),  # SLURM allocated these to each task (process)
+    ({}, 1, None),  # one process: torch's default, every core
+])
+def test_threads_per_process_follow_the_user_then_slurm(environ, processes, expected):
+    assert threads_per_process(processes, environ) == expected
+
+
+def test_processes_of_a_node_share_the_cores_they_may_run_on():
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_process(2, {}) == max(1, cores // 2)
+    assert threads_per_process(4 * cores, {}) == 1

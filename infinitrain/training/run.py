@@ -35,7 +35,7 @@ from .module import StreamingLM
 from .progress import RunTotals, StepProgressBar, TextProgress, quiet_lightning
 from .run_lock import run_lock
 from .saving import CheckpointWriter
-from .strategy import Plan, check_host_memory, plan
+from .strategy import Plan, check_host_memory, plan, use_threads_per_process
 from .validation import Validation
 from .weights import check_init
 
@@ -244,7 +244,8 @@ def start_banner(recipe: Recipe, summary: RunSummary, name: str, run_plan: Plan,
         f"{name}: {human_count(summary.parameters)} parameters; memory state "
         f"{human_bytes(summary.memory_state_bytes_per_stream)} per stream × "
         f"{recipe.data.streams} per device",
-        f"devices: {run_plan.world_size} × {device} ({run_plan.kind}, {run_plan.precision})",
+        f"devices: {run_plan.world_size} × {device} ({run_plan.kind}, {run_plan.precision}), "
+        f"{torch.get_num_threads()} CPU threads each",
         f"steps: {start} to {stop_at:,} (schedule {recipe.train.max_steps:,}), "
         f"{summary.tokens_per_step:,} tokens each",
         f"run directory: {out_dir}"))
@@ -290,6 +291,7 @@ def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
         tokenizer = resolve_tokenizer(recipe)
         check_sources(recipe, tokenizer)
         run_plan = plan(recipe, summary.parameters)
+        use_threads_per_process(run_plan.devices)
         resume_from = checkpoint_to_resume(resume, out_dir)
         start_step = 0
         if resume_from is not None:

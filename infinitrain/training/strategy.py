@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,34 @@ def plan(recipe: Recipe, parameters: int) -> Plan:
     else:
         strategy = "auto"
     return Plan(accelerator, kind, strategy, devices, train.num_nodes, train.precision, clip)
+
+
+def threads_per_process(processes_per_node: int,
+                        environ: Mapping[str, str] = os.environ) -> int | None:
+    """Intra-op CPU threads for each of a node's ``processes_per_node`` training processes, or
+    None to keep torch's default (every core), the default of a run with one process.
+
+    Several processes that each use every core oversubscribe the CPU: on a 2-core machine two
+    torch processes with 2 threads each ran 5-10× slower than with one each. So each gets its
+    share of the cores this process may run on (its affinity mask, which a container's or a
+    scheduler's CPU set narrows), as torchrun does; ``SLURM_CPUS_PER_TASK`` when SLURM
+    allocated CPUs per task (one task per process); and ``OMP_NUM_THREADS`` when the user set
+    it (torch follows it by itself)."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    if cpus := environ.get("SLURM_CPUS_PER_TASK"):
+        return int(cpus)
+    if processes_per_node == 1:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // processes_per_node)
+
+
+def use_threads_per_process(processes_per_node: int) -> None:
+    """Give this process :func:`threads_per_process`, and the processes it starts too (through
+    ``OMP_NUM_THREADS``, which Lightning's launcher would otherwise set to its own share)."""
+    if (threads := threads_per_process(processes_per_node)) is not None:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def model_state_bytes_per_device(parameters: int, optimizer: str, zero: DeepSpeedSection,
