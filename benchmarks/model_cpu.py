@@ -1,7 +1,8 @@
 """CPU benchmark of the core model, printed as ratios measured side by side in one run.
 
 1. Throughput: a window of k segments in one call (all segments' local attention batched) vs the
-   same tokens fed one segment per call, forward+backward and forward-only.
+   same tokens fed one segment per call, forward+backward and forward-only. After a warm-up call
+   of each, the two take turns for --repeats rounds (benchmarks/timing.py); medians over rounds.
 2. Bounded memory: peak RSS of a streaming forward over 16K vs 256K tokens, each in a fresh process.
 
     python benchmarks/model_cpu.py [--preset tiny] [--segments 16] [--repeats 3]
@@ -12,20 +13,12 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved, median_rate  # benchmarks/ is on sys.path when run as a script
 
 from infinitrain.model import InfiniTransformer, preset
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def throughput(model: InfiniTransformer, batch: int, segments: int, repeats: int) -> dict:
@@ -49,14 +42,14 @@ def throughput(model: InfiniTransformer, batch: int, segments: int, repeats: int
         if backward:
             total.backward()
 
-    tokens = ids.numel()
     results = {}
     for label, backward in (("forward+backward", True), ("forward", False)):
         context = torch.enable_grad() if backward else torch.inference_mode()
         with context:
-            parallel = timed(lambda b=backward: window(b), repeats)
-            serial = timed(lambda b=backward: per_segment(b), repeats)
-        results[label] = (tokens / parallel, tokens / serial)
+            timings = interleaved({"parallel": lambda b=backward: window(b),
+                                   "serial": lambda b=backward: per_segment(b)}, rounds=repeats)
+        results[label] = (median_rate(timings["parallel"], ids.numel()),
+                          median_rate(timings["serial"], ids.numel()))
     return results
 
 
