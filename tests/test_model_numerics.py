@@ -311,3 +311,22 @@ def test_tokens_the_clamped_write_gate_closes_leave_the_memory_exactly_alone(act
         assert attn.write_strength(attn.k_proj(filler).view(1, -1, cfg.n_kv_heads, d)).max() == 0
     else:
         assert not same_read and not same_memory
+
+
+@pytest.mark.parametrize("rule", list(mem.RULES))
+def test_a_reset_erases_even_a_non_finite_memory(rule) -> None:
+    """A stream whose carried memory went NaN (a diverged step) starts clean at its next
+    document: the reset selects zeros, it does not multiply by them (0 · NaN is NaN)."""
+    torch.manual_seed(0)
+    model = InfiniTransformer(small_config(memory_rule=rule)).eval()
+    n = model.config.segment_len
+    state = model.empty_state(1)
+    for layer in state.layers:
+        layer.memory.fill_(float("nan"))
+        layer.norm.fill_(float("nan"))
+    reset = torch.tensor([[False, True, False]])
+    with torch.no_grad():
+        logits, after = model(torch.randint(0, 97, (1, 3 * n)), state, reset)
+    assert torch.isfinite(logits[:, n:]).all()
+    for layer in after.layers:
+        assert torch.isfinite(layer.memory).all() and torch.isfinite(layer.norm).all()

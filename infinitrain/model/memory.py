@@ -94,7 +94,7 @@ class MemoryRule:
         memories, norms = self.memories(
             sigma_k[:, None], values[:, None], memory, norm, None,
             None if strength is None else strength[:, None])
-        return memories[:, -1], norms[:, -1]
+        return memories[:, -1].clone(), norms[:, -1].clone()
 
     def flops_per_token(self, query_heads: int, kv_heads: int, head_dim: int,
                         segment_len: int) -> int:
@@ -254,26 +254,27 @@ def scan(sigma_q: Tensor, sigma_k: Tensor, values: Tensor, memory: Tensor, norm:
 def carried_sums(initial: Tensor, increments: Tensor, reset: Tensor | None) -> Tensor:
     """A running sum before each of S segments and after the last: initial [B, ...] plus the
     increments [B, S, ...] of the segments before, where reset [B, S] before a segment erases
-    everything added before it. Returns [B, S + 1, ...], all at once: one matmul with the 0/1
-    matrix of which item (the initial value, then each increment) each state still holds."""
-    b, s = increments.shape[:2]
+    everything added before it. Returns [B, S + 1, ...], every state at once: a cumulative sum
+    (the same additions, in the same order, as adding one segment at a time), or with resets a
+    masked sum of the items (the initial value, then each increment) each state still holds,
+    masked by selection so that a non-finite value a reset erased stays erased."""
     items = torch.cat([initial[:, None], increments], dim=1)
-    holds = _holds(b, s, reset, initial.device).to(items.dtype)
-    return (holds @ items.flatten(2)).view(items.shape)
-
-
-def _holds(batch: int, segments: int, reset: Tensor | None, device: torch.device) -> Tensor:
-    """[B, S + 1, S + 1] bool: whether the state before segment s (s = S: after the last) still
-    holds item i (i = 0: the initial state; i ≥ 1: what segment i − 1 wrote); it does when
-    i ≤ s and no reset came at segments i … s."""
-    position = torch.arange(segments + 1, device=device)
-    holds = (position[:, None] >= position[None, :]).expand(batch, -1, -1)
     if reset is None:
-        return holds
+        return items.cumsum(dim=1)
+    holds = _holds(reset)[(..., *[None] * (initial.dim() - 1))]
+    return torch.where(holds, items[:, None], 0.0).sum(dim=2)
+
+
+def _holds(reset: Tensor) -> Tensor:
+    """[B, S + 1, S + 1] bool for reset [B, S]: whether the state before segment s (s = S:
+    after the last) still holds item i (i = 0: the initial state; i ≥ 1: what segment i − 1
+    wrote); it does when i ≤ s and no reset came at segments i … s."""
+    segments = reset.shape[1]
+    position = torch.arange(segments + 1, device=reset.device)
     resets = F.pad(reset, (0, 1)).int()
     before = resets.cumsum(dim=1)  # resets at segments 0 … s
     between = before[:, :, None] - before[:, None, :] + resets[:, None, :]  # at i … s
-    return holds & (between == 0)
+    return (position[:, None] >= position[None, :]) & (between == 0)
 
 
 def scanned(memory: Tensor, step: Callable[[int, Tensor], Tensor], segments: int,
@@ -281,11 +282,11 @@ def scanned(memory: Tensor, step: Callable[[int, Tensor], Tensor], segments: int
     """M before each of ``segments`` segments and after the last [B, S + 1, ...], from M before
     the first [B, ...] and ``step(s, M) -> M`` writing segment s; reset [B, S] empties a
     stream's memory before that segment."""
-    keep = None if reset is None else (~reset).to(memory.dtype)
     states = []
     for s in range(segments):
-        if keep is not None:
-            memory = memory * keep[:, s].view(-1, *[1] * (memory.dim() - 1))
+        if reset is not None:
+            emptied = reset[:, s].view(-1, *[1] * (memory.dim() - 1))
+            memory = torch.where(emptied, torch.zeros_like(memory), memory)
         states.append(memory)
         memory = step(s, memory)
     states.append(memory)
