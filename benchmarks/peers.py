@@ -22,6 +22,7 @@ What each side computes, and where a peer's shape differs from infinitrain's, is
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
 import json
@@ -77,12 +78,16 @@ def adamw_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def infinitrain_train_step(config: ModelConfig, segments: int, batch: int) -> Callable[[], None]:
+def infinitrain_train_step(config: ModelConfig, segments: int, batch: int,
+                           compiled: bool = False) -> Callable[[], None]:
     """The trainer's own step (infinitrain/training/module.py): hidden states, then the fused
-    output layer + summed cross-entropy, chunked so that a window's full logits never exist."""
+    output layer + summed cross-entropy, chunked so that a window's full logits never exist;
+    ``compiled``: with train.compile (the untimed warm-up step compiles)."""
     from infinitrain.training.loss import supervised_loss_sum
 
     model = InfiniTransformer(config).train()
+    if compiled:
+        model.compile_blocks()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     ids = random_tokens(config, batch, segments * config.segment_len)
     labels = random_tokens(config, batch, segments * config.segment_len)
@@ -211,8 +216,9 @@ class Impl:
     """What its training step and prefill compute, and where its shape differs."""
     train_step: Callable[[ModelConfig, int, int], Callable[[], None]]
     """(shape, segments, batch) -> one training step on fixed random tokens."""
-    streamer: Callable[[ModelConfig, int, int], Callable[[Tensor], None]]
-    """(shape, window segments, most tokens) -> prefill of [1, T] ids from an empty state."""
+    streamer: Callable[[ModelConfig, int, int], Callable[[Tensor], None]] | None
+    """(shape, window segments, most tokens) -> prefill of [1, T] ids from an empty state;
+    None: training only."""
 
 
 IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
@@ -222,6 +228,10 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
          "model(window of k segments, "
          "state, logits_to_keep=1).",
          infinitrain_train_step, infinitrain_streamer),
+    Impl("infinitrain-compiled", None, None,
+         "train: as infinitrain, with train.compile (torch.compile of every block; --compile "
+         "only).",
+         functools.partial(infinitrain_train_step, compiled=True), None),
     Impl("lucidrains", "infini_transformer_pytorch", "infini-transformer-pytorch",
          "train: InfiniTransformerWrapper(window, backward=True), segment by segment, delta rule, "
          "memories kept differentiable over the window (detach_mems_every_num_segments = k), "
@@ -323,6 +333,8 @@ def prefill_benchmark(impls: list[Impl], args: argparse.Namespace) -> list[dict[
     for tokens in args.prefill_tokens:
         runs: dict[str, dict] = {}
         for impl in impls:
+            if impl.streamer is None:
+                continue
             if impl.name == "llama" and tokens > args.llama_max_prefill:
                 runs[impl.name] = {"skipped": f"above --llama-max-prefill {args.llama_max_prefill}"}
                 continue
@@ -353,14 +365,19 @@ def report_training(results: list[dict[str, Any]], args: argparse.Namespace) -> 
     peers = [f"infinitrain/{name}" for name in names if name != "infinitrain"]
     lines = [f"training tokens/s (median of {args.rounds} rounds × {args.steps} steps, "
              "interleaved; forward + CE + backward + AdamW):",
-             f"  {'config':<11}{'batch×tokens':>13}" + "".join(f"{n:>13}" for n in names)
-             + "".join(f"{p:>24}" for p in peers)]
+             f"  {'config':<11}{'batch×tokens':>13}" + "".join(f"{n:>{_width(n)}}" for n in names)
+             + "".join(f"{p:>{_width(p)}}" for p in peers)]
     for result in results:
         shape = f"{result['batch']}×{result['tokens_per_step'] // result['batch']}"
         lines.append(f"  {result['config']:<11}{shape:>13}"
-                     + "".join(f"{result['tokens_per_s'][n]:>13,.0f}" for n in names)
-                     + "".join(f"{result['ratios'][p]:>23.2f}×" for p in peers))
+                     + "".join(f"{result['tokens_per_s'][n]:>{_width(n)},.0f}" for n in names)
+                     + "".join(f"{result['ratios'][p]:>{_width(p) - 1}.2f}×" for p in peers))
     return lines
+
+
+def _width(column: str) -> int:
+    """A column's width: its name's and two spaces, at least 13."""
+    return max(13, len(column) + 2)
 
 
 def describe_run(run: dict[str, Any]) -> str:
@@ -417,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="segments per infinitrain call and per Llama cache chunk")
     parser.add_argument("--llama-max-prefill", type=int, default=65_536,
                         help="longest Llama prefill (tokens); longer lengths are skipped")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time infinitrain's training step with train.compile")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny:4, 2 rounds of 1 step, prefill 2K tokens")
     parser.add_argument("--json", type=Path, help="also write every raw timing here")
@@ -441,8 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         impl_name, shape_name, tokens = args.prefill_child
         print(json.dumps(prefill_child(impl_name, shape_name, int(tokens), args.prefill_window)))
         return 0
-    reasons = {name: skip_reason(impl) for name, impl in IMPLS.items()}
-    impls = [impl for name, impl in IMPLS.items() if reasons[name] is None]
+    chosen = {name: impl for name, impl in IMPLS.items()
+              if args.compile or name != "infinitrain-compiled"}
+    reasons = {name: skip_reason(impl) for name, impl in chosen.items()}
+    impls = [impl for name, impl in chosen.items() if reasons[name] is None]
     versions, skipped = package_versions(), [reason for reason in reasons.values() if reason]
     print(header(versions, torch.get_num_threads(), skipped), flush=True)
     training = []
