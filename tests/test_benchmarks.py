@@ -190,3 +190,20 @@ def test_peers_quick_run_reports_medians_and_their_ratios(tmp_path: Path) -> Non
         run = prefill["runs"][name]
         assert run["tokens_per_s"] > 0 and run["peak_rss_mib"] >= run["rss_before_mib"] > 0
     assert "infinitrain/llama" in done.stdout
+
+
+def test_before_after_times_another_checkout_against_this_one(tmp_path: Path) -> None:
+    """This checkout against itself: two packages of the same code, both timed, their ratio
+    the quotient of their medians."""
+    out = tmp_path / "before_after.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "before_after.py"), str(REPO), "--rules", "delta",
+         "--segments", "1", "--rounds", "2", "--steps", "1", "--json", str(out)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads(out.read_text())
+    rates = result["tokens_per_s"]
+    assert rates["before"] > 0 and rates["after"] > 0
+    assert result["after_over_before"] == pytest.approx(rates["after"] / rates["before"])
+    assert "after/before" in done.stdout
