@@ -87,7 +87,7 @@ def infinitrain_train_step(config: ModelConfig, segments: int, batch: int,
 
     model = InfiniTransformer(config).train()
     if compiled:
-        model.compile_blocks()
+        model.compile_blocks(dynamic=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     ids = random_tokens(config, batch, segments * config.segment_len)
     labels = random_tokens(config, batch, segments * config.segment_len)

@@ -153,7 +153,7 @@ class InfiniAttention(nn.Module):
                             for parts in zip(*outputs, strict=True))
         if memory:
             g = torch.sigmoid(self.gate.float())[:, None]
-            mixed = g * retrieved + (1 - g) * local.float()
+            mixed = g * retrieved + (1 - g) * local  # float32 by promotion, without a copy
         else:
             mixed = local
         return self.o_proj(mixed.to(x.dtype).reshape(b, t, -1)), state, cost

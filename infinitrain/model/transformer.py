@@ -69,15 +69,21 @@ class InfiniTransformer(nn.Module):
                         nn.init.zeros_(module.write_weight)
                         nn.init.constant_(module.write_bias, self.config.write_gate_init)
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, dynamic: bool | None = None) -> None:
         """``torch.compile`` every block in place (parameter names, and so checkpoints, stay
         as they are): its attention, memory scan and MLP become fused kernels, on the CPU
         (inductor's C++ backend: needs a C++ compiler) as on GPUs. Per block, as torchtitan
         does, so the graph is one layer's; the embedding, output layer and loss stay eager.
-        The first call compiles (tens of seconds per graph on a CPU); when the shapes change
-        (a partial segment, one token at a time) it compiles once more, with symbolic sizes."""
+        The first call compiles (tens of seconds per graph on a CPU).
+
+        ``dynamic``: None (reading and generating) compiles once more with symbolic sizes when
+        the shapes change (a partial segment, one token at a time); False (training, whose
+        windows all have one shape) never uses symbolic sizes. Compiled code is kept per
+        block *class* for the whole process, so without False a training run after a streamed
+        evaluation in the same process would start symbolic, which inductor (torch 2.13) can
+        fail to compile ("ValueRangeError: Invalid ranges")."""
         for block in self.layers:
-            block.compile()
+            block.compile(dynamic=dynamic)
 
     def empty_state(self, batch_size: int, device: torch.device | str | None = None) -> InfiniState:
         weight = self.embed_tokens.weight

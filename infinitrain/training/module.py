@@ -83,7 +83,7 @@ class StreamingLM(LightningModule):
         self.model = InfiniTransformer(self.recipe.model_config)
         self.model.activation_checkpointing = self.recipe.train.activation_checkpointing
         if self.recipe.train.compile:
-            self.model.compile_blocks()
+            self.model.compile_blocks(dynamic=False)
         if self.init is not None:
             load_initial_weights(self.model, self.init, self.trainer.is_global_zero)
 
