@@ -82,7 +82,12 @@ class MemoryRule:
         carried sum (:func:`carried_sums`): no loop over segments at all.
         """
         memories = carried_sums(memory, sigma_k.transpose(-1, -2) @ values, reset)
-        return memories, carried_sums(norm, sigma_k.sum(dim=-2), reset)
+        return memories, self.norms(sigma_k, norm, reset)
+
+    def norms(self, sigma_k: Tensor, norm: Tensor, reset: Tensor | None) -> Tensor:
+        """z before each of S segments and after the last [B, S + 1, H, d_k]: z grows by Σσ(K)
+        whatever a rule writes into M, so every rule carries it the same way."""
+        return carried_sums(norm, sigma_k.sum(dim=-2), reset)
 
     def update(self, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
                strength: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -133,7 +138,7 @@ class DeltaRule(MemoryRule):
         everything that does not is computed for all of them before the loop (z, which grows
         by Σσ(K) whatever M holds, and each key's 1 / σ(k)z), leaving one matmul, one fused
         multiply-subtract and one matmul-add per segment."""
-        norms = carried_sums(norm, sigma_k.sum(dim=-2), reset)
+        norms = self.norms(sigma_k, norm, reset)
         key_norms = sigma_k @ norms[:, :-1, ..., None]
         written = key_norms > 0
         inverse = torch.where(written, 1 / torch.where(written, key_norms, 1.0), 0.0)
@@ -193,8 +198,7 @@ class DeltaNetRule(MemoryRule):
         def step(s: int, memory: Tensor) -> Tensor:
             return memory + keys_t[:, s] @ (from_values[:, s] - from_memory[:, s] @ memory)
 
-        return (scanned(memory, step, sigma_k.shape[1], reset),
-                carried_sums(norm, sigma_k.sum(dim=-2), reset))
+        return scanned(memory, step, sigma_k.shape[1], reset), self.norms(sigma_k, norm, reset)
 
     def flops_per_token(self, query_heads: int, kv_heads: int, head_dim: int,
                         segment_len: int) -> int:

@@ -37,6 +37,7 @@ from .write_gate import WriteGateSchedule
 OPTIM_HYPERPARAMETERS = ("betas", "eps", "weight_decay")
 """Per-group optimizer settings besides the learning rate that a restored state carries."""
 
+
 class NonFiniteError(RuntimeError):
     """Training produced NaN or inf; the message names the step, the quantity and what to try."""
 
