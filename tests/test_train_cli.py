@@ -353,6 +353,9 @@ def test_until_the_write_gate_starts_the_run_is_the_run_without_a_gate(tmp_path)
     for name, tensor in shared.items():  # up to float rounding (a clipped gate: ~2e-3 apart)
         difference = (tensor - weights["plain"][name]).abs().max()
         assert difference <= 1e-4, f"{name}: {difference}"
+    norms = {name: TrainingLog.read(tmp_path / name).points("grad_norm")[1][0]
+             for name in ("plain", "gated")}
+    assert norms["gated"] == pytest.approx(norms["plain"], rel=1e-5), norms
 
 
 def test_compiled_training_matches_eager_and_resumes_exactly(straight_run, tmp_path):

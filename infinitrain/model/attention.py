@@ -112,6 +112,9 @@ class InfiniAttention(nn.Module):
             self.write_bias = nn.Parameter(torch.full((h_kv,), float(config.write_gate_init)))
             """Write strength β_t = sigmoid or clamp of k_t·w + b per key/value head, from the
             token's own key."""
+            self.write_gate_frozen = False
+            """While True the gate's weights get a zero gradient (the same values): see
+            :meth:`InfiniTransformer.freeze_write_gates`."""
 
     def forward(self, x: Tensor, state: LayerState, reset: Tensor | None = None,
                 use_memory: bool = True) -> tuple[Tensor, LayerState, Tensor | None]:
@@ -164,7 +167,10 @@ class InfiniAttention(nn.Module):
 
     def write_logits(self, k: Tensor) -> Tensor:
         """x_t = k_t·w + b [..., H_kv] for raw keys k [..., H_kv, d]."""
-        return (k.float() * self.write_weight.float()).sum(-1) + self.write_bias.float()
+        weight, bias = self.write_weight.float(), self.write_bias.float()
+        if self.write_gate_frozen:
+            weight, bias = weight.detach() + 0 * weight, bias.detach() + 0 * bias
+        return (k.float() * weight).sum(-1) + bias
 
     def write_strength(self, k: Tensor) -> Tensor | None:
         """β_t [..., H_kv] for raw keys k [..., H_kv, d]; None without the write gate."""

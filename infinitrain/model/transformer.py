@@ -69,6 +69,17 @@ class InfiniTransformer(nn.Module):
                         nn.init.zeros_(module.write_weight)
                         nn.init.constant_(module.write_bias, self.config.write_gate_init)
 
+    def freeze_write_gates(self, frozen: bool) -> None:
+        """Give the write gates' weights a zero gradient (``frozen``) or their real one. Zero,
+        not none: under DDP the optimizer would skip a parameter without a gradient, where
+        DeepSpeed's and FSDP's flat, sharded gradients have no "none" to give, and the two would
+        then clip, and build Adam's moments, differently. A zero gradient leaves the moments at
+        zero and counts nothing in the gradient norm under every strategy."""
+        for module in self.modules():
+            if isinstance(module, InfiniAttention) and module.has_memory \
+                    and self.config.memory_write_gate:
+                module.write_gate_frozen = frozen
+
     def compile_blocks(self, dynamic: bool | None = None) -> None:
         """``torch.compile`` every block in place (parameter names, and so checkpoints, stay
         as they are): its attention, memory scan and MLP become fused kernels, on the CPU

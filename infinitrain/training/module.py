@@ -110,6 +110,9 @@ class StreamingLM(LightningModule):
             self.streams = state
             # A leaf: backward touches no parameter, so no strategy communicates or updates.
             return torch.zeros((), device=self.device, requires_grad=True)
+        # A frozen gate's zero gradient counts nothing in clipping (its lr is 0 too): until
+        # the gate starts, the run is the run without a gate, under every strategy.
+        self.model.freeze_write_gates(not self.write_gate.trains(self.global_step))
         hidden, state, write_cost = self.model.hidden_states_and_write_cost(
             window.input_ids, self.streams, window.reset)
         self.streams = state.detach()  # the truncation point of truncated BPTT
@@ -124,16 +127,6 @@ class StreamingLM(LightningModule):
             loss = loss + self.write_gate.penalty_weight(self.global_step) * write_cost
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Drop a frozen write gate's gradients (its lr is 0 anyway), so that they do not count
-        in gradient clipping and shrink every other update: until the gate starts, the run is the
-        run without a gate. (Under DeepSpeed, which clips inside its engine, they still count.)"""
-        if self.model.config.memory_write_gate and not self.write_gate.trains(self.global_step):
-            for group in optimizer.param_groups:
-                if group["name"] == "write_gates":
-                    for parameter in group["params"]:
-                        parameter.grad = None
 
     def _schedule(self, optimizer) -> LambdaLR:
         return build_scheduler(optimizer, self.recipe.optim, self.recipe.train.max_steps,
