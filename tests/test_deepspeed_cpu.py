@@ -23,8 +23,11 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import LightningModule
+from safetensors.torch import load_file
 
 from infinitrain.evaluation.training_log import TrainingLog
+from infinitrain.model import InfiniTransformer
+from infinitrain.model_dir import save_model_dir
 from infinitrain.recipe import RecipeError, load_recipe
 from infinitrain.training.strategy import plan
 
@@ -289,3 +292,54 @@ def test_zero3_offloading_optimizer_and_parameters_trains_with_the_recipes_optim
     pretrain(tmp_path / "run", 2, ["train.deepspeed.offload_optimizer=true",
                                    "train.deepspeed.offload_parameters=true"])
     assert sorted(losses(tmp_path / "run")) == [1, 2]
+
+
+DDP_EQUALITY = ["model.memory_rule=deltanet", "model.memory_write_gate=true",
+                "model.write_gate_activation=clamp", "model.write_gate_init=1.0",
+                "optim.write_penalty=1.0", "optim.grad_clip=0.05",
+                "optim.eps=1e-6", *CHAPTERS, "data.window_tokens=128", "model.segment_len=32"]
+"""Everything the two strategies could do differently at once: BookSum chapters (many windows
+without a summary token on either rank, so steps without an update), the write gate frozen for
+the first updates and then training under its penalty, and clipping that binds (norms of 1-8
+clipped to 0.05).
+
+Adam's ε is 1e-6, not 1e-8: a gradient element that is a near-cancelled sum (~1e-9) comes out
+30% different when the two strategies sum its terms in another order, and Adam's first step,
+lr · g / (|g| + ε), turns that into weights 1.5e-4 apart at ε = 1e-8. At 1e-6 the same
+rounding moves a weight by at most ~lr · 1e-3, so what is left to compare is the strategies."""
+
+
+def trained_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(sorted(run.glob("step-*"))[-1] / "model.safetensors"))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_zero3_trains_to_the_weights_ddp_trains_to(tmp_path, accumulate):
+    """From the same initial weights, two ZeRO-3 processes and two DDP processes end within 1e-5
+    of each other, step by step with the same losses, gradient norms and gate statistics. 16
+    windows: the first summary tokens come in the ninth, and the write gate starts after the
+    first update."""
+    overrides = [*DDP_EQUALITY, f"train.accumulate={accumulate}",
+                 f"optim.write_gate_from_step={10 // accumulate}"]
+    _, recipe = load_recipe("tiny", [*SMALL, *overrides])
+    torch.manual_seed(0)
+    save_model_dir(InfiniTransformer(recipe.model_config), tmp_path / "init")
+    runs = {}
+    for strategy in ("deepspeed", "ddp"):
+        runs[strategy] = tmp_path / strategy
+        pretrain(runs[strategy], 16 // accumulate, [*overrides, f"train.strategy={strategy}",
+                                                     f"model.init={tmp_path / 'init'}"])
+    zero3, ddp = (trained_weights(runs[name]) for name in ("deepspeed", "ddp"))
+    assert zero3.keys() == ddp.keys()
+    initial = load_file(str(tmp_path / "init" / "model.safetensors"))
+    assert any(not torch.equal(ddp[name], initial[name]) for name in ddp)  # it did train
+    assert not torch.equal(ddp["layers.0.attn.write_bias"], initial["layers.0.attn.write_bias"])
+    for name in ddp:
+        difference = (zero3[name] - ddp[name]).abs().max().item()
+        assert difference <= 1e-5, f"{name}: {difference}"
+    logs = {name: TrainingLog.read(run) for name, run in runs.items()}
+    for column, relative in (("loss", 1e-5), ("write_cost", 1e-5), ("gates/layer_01/mean", 1e-5),
+                             ("grad_norm", 1e-4)):
+        steps, (values,) = logs["ddp"].points(column)
+        assert (steps, [pytest.approx(values, rel=relative)]) == \
+            logs["deepspeed"].points(column), column

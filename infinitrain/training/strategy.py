@@ -11,9 +11,10 @@ laptop rehearses a cluster's ZeRO run (sharding, gathers, checkpoints) with the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,7 +186,8 @@ def check_host_memory(recipe: Recipe, parameters: int) -> None:
 def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     """DeepSpeed's own config; gradient clipping belongs here (Lightning's does not reach)."""
     zero = recipe.train.deepspeed
-    optimization: dict[str, Any] = {"stage": zero.stage, "overlap_comm": True,
+    # overlap_comm: stages 2-3 only, where the run decides the accumulation boundary itself
+    optimization: dict[str, Any] = {"stage": zero.stage, "overlap_comm": zero.stage >= 2,
                                     "contiguous_gradients": True}
     if zero.offload_optimizer:
         optimization["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -200,6 +202,9 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
         "zero_force_ds_cpu_optimizer": False,
         "gradient_clipping": recipe.optim.grad_clip,
         "train_micro_batch_size_per_gpu": recipe.data.streams,
+        # Every engine.step() is an update: the run, not a micro-step counter, decides when
+        # (see deepspeed_strategy_classes).
+        "managed_gradient_accumulation": False,
     }
 
 
@@ -217,9 +222,13 @@ def deepspeed_strategy_classes() -> tuple[type, type]:
     """Subclasses of Lightning's DeepSpeedStrategy for GPUs and for CPU processes (built on first
     use, so that importing this module does not import Lightning).
 
-    Both: Lightning already divides each micro-batch's loss by ``accumulate_grad_batches``, and
-    DeepSpeed's ``engine.backward`` would divide it again by the same number (its
-    ``gradient_accumulation_steps``, which Lightning sets to it); the engine is told not to.
+    Both accumulate gradients as under DDP: Lightning runs the optimizer step once per
+    ``accumulate_grad_batches`` windows, and the run skips it where no window since the last one
+    had a supervised token. Lightning's DeepSpeed strategy instead calls it after every window
+    and lets the engine count micro-steps to find the boundary; a skipped step then went
+    uncounted and every later boundary fell one window off. The engine is told not to count
+    (``managed_gradient_accumulation: false``), and not to divide each micro-batch's loss by the
+    accumulation again: Lightning has.
 
     The CPU one drops Lightning's three CUDA-only assumptions:
 
@@ -236,7 +245,17 @@ def deepspeed_strategy_classes() -> tuple[type, type]:
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
     class ZeroStrategy(DeepSpeedStrategy):
-        """DeepSpeed ZeRO whose gradients are averaged over accumulated micro-batches once."""
+        """DeepSpeed ZeRO whose gradients accumulate as under DDP."""
+
+        @property
+        def handles_gradient_accumulation(self) -> bool:
+            return False
+
+        @contextlib.contextmanager
+        def block_backward_sync(self) -> Iterator[None]:
+            """Nothing to block: ZeRO-2/3 reduce each backward's gradients into their shards
+            (and refuse ``no_sync``), ZeRO-1 reduces at ``engine.step()``."""
+            yield
 
         def backward(self, closure_loss: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("scale_wrt_gas", False)  # Lightning has divided the loss already
