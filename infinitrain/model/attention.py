@@ -177,12 +177,9 @@ class InfiniAttention(nn.Module):
         if not self.config.memory_write_gate:
             return None
         logits = self.write_logits(k)
-        if self.config.write_gate_activation != "clamp":
-            return torch.sigmoid(logits)
-        if self.config.write_gate_reopens:
-            # below 0: value 0 exactly (x − x), gradient 1, so a closed write can reopen
-            return torch.where(logits < 0, logits - logits.detach(), logits.clamp(max=1.0))
-        return logits.clamp(0.0, 1.0)
+        if self.config.write_gate_activation == "clamp":
+            return logits.clamp(0.0, 1.0)
+        return torch.sigmoid(logits)
 
     def write_cost(self, k: Tensor) -> Tensor:
         """Mean write strength of keys k before clipping at 1 (sigmoid: β; clamp: relu(x)), the

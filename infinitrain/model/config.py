@@ -77,13 +77,6 @@ class ModelConfig:
     the stream, where sigmoid's small β still adds up over 1M tokens of filler. Pair it with
     ``optim.write_penalty``, which closes what the loss does not need, and ``write_gate_init: 1``
     (every token writes fully until the gate starts training)."""
-    write_gate_reopens: bool = False
-    """With 'clamp': a closed token (x_t < 0) still gets the loss's gradient, as if its strength
-    could go below 0 (straight-through), so a write that ``optim.write_penalty`` closed before
-    the answer came to need it can open again. Without it a closed token gets no gradient at all
-    and stays closed for good: a penalty that shuts the needle's writes while the read path is
-    still forming then ends retrieval for the run. Forward values are unchanged (β_t is still
-    exactly 0), so inference and export are too."""
     write_gate_init: float = 0.0
     """Initial bias b of the write gate: sigmoid(b) (or clamp(b, 0, 1)) is every token's write
     strength before training. Negative (−4: 0.018) starts the memory writing weakly, so that
@@ -137,10 +130,6 @@ class ModelConfig:
                               f"write strength ({_rules_where(RULES, 'takes_write_strength', True)}"
                               f"), not {self.memory_rule!r}: it writes every token at full "
                               "strength")
-        if self.write_gate_reopens and self.write_gate_activation != "clamp":
-            raise ConfigError(f"model.write_gate_reopens = true needs model.write_gate_activation "
-                              f"= clamp (it is {self.write_gate_activation!r}): only the clamp "
-                              f"closes a write for good")
         if self.write_gate_activation not in WRITE_GATE_ACTIVATIONS:
             raise ConfigError(f"model.write_gate_activation = {self.write_gate_activation!r}: must "
                               f"be one of {', '.join(WRITE_GATE_ACTIVATIONS)}")
