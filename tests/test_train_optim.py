@@ -68,6 +68,17 @@ def test_write_gates_have_their_own_group_frozen_until_their_step():
     assert lrs[5]["write_gates"] == lrs[5]["gates"] > 0
 
 
+@pytest.mark.parametrize(("multiplier", "expected"), [(None, 10.0), (1.0, 1.0)])
+def test_the_write_gates_learn_at_their_own_multiplier_if_given(multiplier, expected):
+    setting = [] if multiplier is None else [f"optim.write_gate_lr_multiplier={multiplier}"]
+    _, configured_optim = configured(
+        "model.memory_rule=deltanet", "model.memory_write_gate=true", "optim.lr=0.002",
+        "optim.gate_lr_multiplier=10", *setting)
+    groups = {group["name"]: group for group in configured_optim["optimizer"].param_groups}
+    assert groups["write_gates"]["initial_lr"] == pytest.approx(0.002 * expected)
+    assert groups["gates"]["initial_lr"] == pytest.approx(0.02)
+
+
 def test_schedule_warms_up_then_decays_to_the_floor_at_the_recipe_length():
     factors = [lr_factor(step, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
                for step in range(130)]

@@ -143,6 +143,11 @@ class OptimSection:
     gate_lr_multiplier: float = 100.0
     """The gates' β learn at lr × this (docs/design.md §2: under the base lr they stay stuck at
     0.5)."""
+    write_gate_lr_multiplier: float | None = None
+    """The write gates learn at lr × this; None: gate_lr_multiplier, as the mixing gates. The
+    write penalty pushes every token's write down at once and Adam moves the gate's bias by
+    about its learning rate per step, so this sets how many steps the answer's gradient has to
+    keep the writes it needs open before the penalty has closed them."""
     weight_decay: float = 0.1
     """Decoupled weight decay of matrices; norms, biases and gates never decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -175,6 +180,9 @@ class OptimSection:
         for name in ("lr", "gate_lr_multiplier", "eps"):
             if not getattr(self, name) > 0:
                 raise field_error(f"optim.{name}", getattr(self, name), "must be > 0")
+        if self.write_gate_lr_multiplier is not None and not self.write_gate_lr_multiplier > 0:
+            raise field_error("optim.write_gate_lr_multiplier", self.write_gate_lr_multiplier,
+                              "must be > 0, or null for optim.gate_lr_multiplier")
         for name in ("weight_decay", "grad_clip", "warmup_steps", "write_penalty",
                      "write_gate_from_step", "write_gate_below_loss"):
             if getattr(self, name) < 0:

@@ -52,7 +52,9 @@ def parameter_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
         "decay": {"weight_decay": optim.weight_decay, "lr": optim.lr},
         "no_decay": {"weight_decay": 0.0, "lr": optim.lr},
         "gates": {"weight_decay": 0.0, "lr": optim.lr * optim.gate_lr_multiplier},
-        "write_gates": {"weight_decay": 0.0, "lr": optim.lr * optim.gate_lr_multiplier},
+        "write_gates": {"weight_decay": 0.0, "lr": optim.lr * (
+            optim.gate_lr_multiplier if optim.write_gate_lr_multiplier is None
+            else optim.write_gate_lr_multiplier)},
     }
     return [{"name": name, "params": params, **settings[name]}
             for name, params in groups.items() if params]
