@@ -71,6 +71,13 @@ class TrainingMetrics(Callback):
         self.peak_flops = device_peak_flops(module.device, self.precision)
         self.started, self.tokens, self.logged_step = time.perf_counter(), 0, trainer.global_step
 
+    def on_train_batch_start(self, trainer: Trainer, module: LightningModule, batch: Window,
+                             batch_idx: int) -> None:
+        """Forget what earlier windows logged. Lightning keeps every logged value and writes
+        it again at each logging step until it is logged anew, so a step without an update
+        would repeat the last loss and gradient norm as its own."""
+        trainer._results.reset(metrics=False)
+
     def on_before_optimizer_step(self, trainer: Trainer, module: LightningModule,
                                  optimizer) -> None:
         if (trainer.global_step + 1) % self.every == 0:
@@ -97,8 +104,9 @@ class TrainingMetrics(Callback):
         if self.peak_flops:
             metrics["mfu"] = flops / self.peak_flops
         engine_norm = getattr(trainer.model, "get_global_grad_norm", None)
-        if engine_norm is not None and engine_norm() is not None:
-            metrics["grad_norm"] = float(engine_norm())
+        updated = getattr(module, "updated_step", None) == step - 1
+        if engine_norm is not None and updated and engine_norm() is not None:
+            metrics["grad_norm"] = float(engine_norm())  # the engine keeps the last update's
         gates = [block.attn.gate for block in module.model.layers if block.attn.has_memory]
         with gathered(gates):
             metrics |= gate_statistics(module.model.memory_gates())

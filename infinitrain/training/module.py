@@ -73,6 +73,10 @@ class StreamingLM(LightningModule):
         self.data_position: dict | None = None
         """The data position right after the last consumed window."""
         self._update_pending = False
+        self.updated_step: int | None = None
+        """The optimizer step (``global_step`` before it) that last updated the weights."""
+        self._step_values: dict[str, list[Tensor]] = {}
+        """This optimizer step's per-window values of the logged means (loss, write cost)."""
         self.write_gate = WriteGateSchedule(recipe.optim)
         self.nonfinite_in_a_row = 0
         """Consecutive steps skipped for a non-finite loss or gradient norm."""
@@ -101,13 +105,17 @@ class StreamingLM(LightningModule):
 
     def training_step(self, window: Window, batch_idx: int) -> Tensor:
         self.data_position = window.position
+        if batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self._step_values = {}  # a new optimizer step
         targets = self._supervised_tokens_everywhere(window)
         self.log("supervised_tokens", float(targets))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         if targets == 0:
             with torch.no_grad():
                 _, state = self.model(window.input_ids, self.streams, window.reset,
                                       logits_to_keep=1)
             self.streams = state
+            self._log_step_means()
             # A leaf: backward touches no parameter, so no strategy communicates or updates.
             return torch.zeros((), device=self.device, requires_grad=True)
         # A frozen gate's zero gradient counts nothing in clipping (its lr is 0 too): until
@@ -120,13 +128,21 @@ class StreamingLM(LightningModule):
         # Mean over every supervised token of every rank once DDP averages the gradients.
         loss = loss_sum * (self.trainer.world_size / targets)
         self._update_pending = True
-        self.log("loss", loss.detach(), prog_bar=True, sync_dist=self.trainer.world_size > 1)
+        self._step_values.setdefault("loss", []).append(loss.detach())
         if write_cost is not None:
             self._watch_loss(loss)
-            self.log("write_cost", write_cost.detach())
+            self._step_values.setdefault("write_cost", []).append(write_cost.detach())
             loss = loss + self.write_gate.penalty_weight(self.global_step) * write_cost
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        self._log_step_means()
         return loss
+
+    def _log_step_means(self) -> None:
+        """Log this optimizer step's loss and write cost: the means over its windows with
+        supervised tokens so far, so the step's row holds the step's own values (with
+        accumulation, every window's), and a step with none holds none."""
+        for name, values in self._step_values.items():
+            self.log(name, torch.stack(values).mean(), prog_bar=name == "loss",
+                     sync_dist=self.trainer.world_size > 1)
 
     def _schedule(self, optimizer) -> LambdaLR:
         return build_scheduler(optimizer, self.recipe.optim, self.recipe.train.max_steps,
@@ -172,6 +188,7 @@ class StreamingLM(LightningModule):
         loss = optimizer_closure()
         if self._update_pending and self._finite_step(loss):
             optimizer.step(closure=lambda: loss)
+            self.updated_step = self.global_step
         self._update_pending = False
 
     def _finite_step(self, loss: Tensor) -> bool:
