@@ -26,10 +26,12 @@ from lightning.pytorch import LightningModule
 from safetensors.torch import load_file
 
 from infinitrain.evaluation.training_log import TrainingLog
+from infinitrain.layout import TRAINER_STATE
 from infinitrain.model import InfiniTransformer
 from infinitrain.model_dir import save_model_dir
 from infinitrain.recipe import RecipeError, load_recipe
 from infinitrain.training.strategy import plan
+from infinitrain.training.weights import deepspeed_fp32_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 INFINITRAIN = Path(sys.executable).with_name("infinitrain")
@@ -346,3 +348,15 @@ def test_zero3_trains_to_the_weights_ddp_trains_to(tmp_path, accumulate):
         steps, (values,) = logs["ddp"].points(column)
         assert (steps, [pytest.approx(values, rel=relative)]) == \
             logs["deepspeed"].points(column), column
+
+
+def test_zero2_in_bf16_saves_the_float32_master_weights(tmp_path):
+    """Under bf16 even a whole (ZeRO-1/2) live module holds bf16 copies; the model directory
+    gets the optimizer's float32 weights."""
+    pretrain(tmp_path / "run", 3, ["train.deepspeed.stage=2", "train.precision=bf16-mixed"])
+    checkpoint = tmp_path / "run" / "step-00000003"
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    master = deepspeed_fp32_state_dict(checkpoint / TRAINER_STATE)
+    for name, weight in weights.items():
+        assert torch.equal(weight, master[f"model.{name}"]), name
+    assert any((weight.to(torch.bfloat16).float() != weight).any() for weight in weights.values())

@@ -37,7 +37,7 @@ from .checkpoint import (
     write_manifest,
 )
 from .module import NonFiniteError, StreamingLM, finite_everywhere
-from .weights import model_from_state_dict, zero3_state_dict
+from .weights import model_from_state_dict, deepspeed_fp32_state_dict
 
 MODULE_PREFIX = "model."
 """Where the LightningModule keeps the InfiniTransformer (prefix of its state-dict names)."""
@@ -119,11 +119,11 @@ class CheckpointWriter(Callback):
                                             torch.get_num_threads()))
 
     def _whole_model(self, module: StreamingLM, staged: Path) -> InfiniTransformer:
-        """The full model on rank 0: the live one, or rebuilt from what was just saved when the
-        live one is sharded."""
+        """The full float32 model on rank 0: the live one, or rebuilt from what was just saved
+        when the live one is sharded or, under DeepSpeed, a bf16 copy of the master weights."""
         config = self.recipe.model_config
-        if self.kind == "deepspeed" and self.recipe.train.deepspeed.stage == 3:
-            state = zero3_state_dict(staged / TRAINER_STATE)
+        if self.kind == "deepspeed":
+            state = deepspeed_fp32_state_dict(staged / TRAINER_STATE)
         elif self.kind == "fsdp":  # state_dict_type="full": rank 0 saved whole weights
             state = torch.load(staged / TRAINER_STATE, map_location="cpu", mmap=True,
                                weights_only=False)["state_dict"]

@@ -80,8 +80,10 @@ def load_initial_weights(model: InfiniTransformer, directory: Path, is_global_ze
                     parameter.copy_(weights.get_tensor(name))
 
 
-def zero3_state_dict(checkpoint_dir: Path) -> dict[str, Tensor]:
-    """The whole float32 state dict of a DeepSpeed checkpoint's shards (read on one process)."""
+def deepspeed_fp32_state_dict(checkpoint_dir: Path) -> dict[str, Tensor]:
+    """The whole float32 state dict of a DeepSpeed checkpoint's shards (read on one process):
+    the optimizer's float32 master weights, at every ZeRO stage. (Under bf16 the live module
+    holds bf16 copies, even where it is whole.)"""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
