@@ -59,13 +59,14 @@ def subprocess_env() -> dict[str, str]:
 
 
 def pretrain(out_dir: Path, steps: int, overrides: list[str],
-             command: list[str] | None = None) -> None:
-    """Two ZeRO-3 CPU processes (Lightning starts the second) through the CLI, or ``command``."""
+             command: list[str] | None = None, resume: bool = False) -> None:
+    """Two ZeRO-3 CPU processes (Lightning starts the second) through the CLI, or ``command``;
+    ``overrides`` may choose another strategy."""
     command = command or [str(INFINITRAIN)]
     process = subprocess.Popen(
         [*command, "pretrain", "--recipe", "tiny", "--out-dir", str(out_dir), "--devices", "2",
-         "--max-steps", str(steps), *sets([*SMALL, f"checkpoint.every_steps={steps}",
-                                           *overrides])],
+         "--max-steps", str(steps), *(["--resume", "auto"] if resume else []),
+         *sets([*SMALL, f"checkpoint.every_steps={steps}", *overrides])],
         cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True)  # its own group: both ranks go if it hangs
     try:
@@ -298,56 +299,97 @@ def test_zero3_offloading_optimizer_and_parameters_trains_with_the_recipes_optim
 
 DDP_EQUALITY = ["model.memory_rule=deltanet", "model.memory_write_gate=true",
                 "model.write_gate_activation=clamp", "model.write_gate_init=1.0",
-                "optim.write_penalty=1.0", "optim.grad_clip=0.05",
-                "optim.eps=1e-6", *CHAPTERS, "data.window_tokens=128", "model.segment_len=32"]
-"""Everything the two strategies could do differently at once: BookSum chapters (many windows
+                "optim.write_penalty=1.0", "optim.grad_clip=0.05", "optim.eps=1e-6",
+                "model.tie_embeddings=false", *CHAPTERS, "data.window_tokens=128",
+                "model.segment_len=32"]
+"""Everything the strategies could do differently at once: BookSum chapters (many windows
 without a summary token on either rank, so steps without an update), the write gate frozen for
 the first updates and then training under its penalty, and clipping that binds (norms of 1-8
-clipped to 0.05).
+clipped to 0.05). Untied embeddings: FSDP shards the embedding and the output layer apart.
 
 Adam's ε is 1e-6, not 1e-8: a gradient element that is a near-cancelled sum (~1e-9) comes out
 30% different when the two strategies sum its terms in another order, and Adam's first step,
 lr · g / (|g| + ε), turns that into weights 1.5e-4 apart at ε = 1e-8. At 1e-6 the same
 rounding moves a weight by at most ~lr · 1e-3, so what is left to compare is the strategies."""
+WINDOWS = 16
+"""Per rank: the first summary tokens come in the ninth."""
 
 
 def trained_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(sorted(run.glob("step-*"))[-1] / "model.safetensors"))
 
 
+def equality_overrides(accumulate: int) -> list[str]:
+    """The write gate starts after the first update."""
+    return [*DDP_EQUALITY, f"train.accumulate={accumulate}",
+            f"optim.write_gate_from_step={10 // accumulate}"]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Callable[[int], tuple[Path, Path]]:
+    """(initial weights, DDP run) per accumulation, trained once for every sharded strategy."""
+    runs: dict[int, tuple[Path, Path]] = {}
+
+    def run(accumulate: int) -> tuple[Path, Path]:
+        if accumulate not in runs:
+            root = tmp_path_factory.mktemp(f"ddp-accumulate-{accumulate}")
+            _, recipe = load_recipe("tiny", [*SMALL, *equality_overrides(accumulate)])
+            torch.manual_seed(0)
+            save_model_dir(InfiniTransformer(recipe.model_config), root / "init")
+            pretrain(root / "ddp", WINDOWS // accumulate,
+                     [*equality_overrides(accumulate), "train.strategy=ddp",
+                      f"model.init={root / 'init'}"])
+            runs[accumulate] = root / "init", root / "ddp"
+        return runs[accumulate]
+
+    return run
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_zero3_trains_to_the_weights_ddp_trains_to(tmp_path, accumulate):
-    """From the same initial weights, two ZeRO-3 processes and two DDP processes end within 1e-5
-    of each other, step by step with the same losses, gradient norms and gate statistics. 16
-    windows: the first summary tokens come in the ninth, and the write gate starts after the
-    first update."""
-    overrides = [*DDP_EQUALITY, f"train.accumulate={accumulate}",
-                 f"optim.write_gate_from_step={10 // accumulate}"]
-    _, recipe = load_recipe("tiny", [*SMALL, *overrides])
-    torch.manual_seed(0)
-    save_model_dir(InfiniTransformer(recipe.model_config), tmp_path / "init")
-    runs = {}
-    for strategy in ("deepspeed", "ddp"):
-        runs[strategy] = tmp_path / strategy
-        pretrain(runs[strategy], 16 // accumulate, [*overrides, f"train.strategy={strategy}",
-                                                     f"model.init={tmp_path / 'init'}"])
-    zero3, ddp = (trained_weights(runs[name]) for name in ("deepspeed", "ddp"))
-    assert zero3.keys() == ddp.keys()
-    initial = load_file(str(tmp_path / "init" / "model.safetensors"))
+def test_sharded_training_ends_at_the_weights_ddp_ends_at(tmp_path, ddp_runs, strategy,
+                                                          accumulate):
+    """From the same initial weights, two ZeRO-3 or FSDP2 processes and two DDP processes end
+    within 1e-5 of each other, step by step with the same losses, gradient norms and gate
+    statistics; the sharded run stops and continues with --resume auto."""
+    init, ddp_run = ddp_runs(accumulate)
+    overrides = [*equality_overrides(accumulate), f"train.strategy={strategy}",
+                 f"model.init={init}"]
+    run, steps = tmp_path / strategy, WINDOWS // accumulate
+    # Stopped after the first update: torch's distributed checkpoint (FSDP) saves an optimizer
+    # without state by stepping it once at lr 0, which moves Adam's step count.
+    stop = steps * 3 // 4
+    pretrain(run, stop, [*overrides, f"checkpoint.every_steps={stop}"])
+    pretrain(run, steps, overrides, resume=True)
+    sharded, ddp = trained_weights(run), trained_weights(ddp_run)
+    assert sharded.keys() == ddp.keys()
+    initial = load_file(str(init / "model.safetensors"))
     assert any(not torch.equal(ddp[name], initial[name]) for name in ddp)  # it did train
     assert not torch.equal(ddp["layers.0.attn.write_bias"], initial["layers.0.attn.write_bias"])
     for name in ddp:
-        difference = (zero3[name] - ddp[name]).abs().max().item()
+        difference = (sharded[name] - ddp[name]).abs().max().item()
         assert difference <= 1e-5, f"{name}: {difference}"
-    logs = {name: TrainingLog.read(run) for name, run in runs.items()}
+    logs = {name: TrainingLog.read(path) for name, path in (("sharded", run), ("ddp", ddp_run))}
     for log in logs.values():  # the last steps have no summary token: no loss, no norm logged
         updated = log.points("grad_norm")[0]
-        assert log.points("loss")[0] == updated and updated and updated[-1] < 16 // accumulate
+        assert log.points("loss")[0] == updated and updated and updated[-1] < steps
     for column, relative in (("loss", 1e-5), ("write_cost", 1e-5), ("gates/layer_01/mean", 1e-5),
                              ("grad_norm", 1e-4)):
-        steps, (values,) = logs["ddp"].points(column)
-        assert (steps, [pytest.approx(values, rel=relative)]) == \
-            logs["deepspeed"].points(column), column
+        expected_steps, (values,) = logs["ddp"].points(column)
+        assert (expected_steps, [pytest.approx(values, rel=relative)]) == \
+            logs["sharded"].points(column), column
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
+def test_a_sharded_run_resumes_bit_exactly(tmp_path, strategy):
+    overrides = [f"train.strategy={strategy}", "model.tie_embeddings=false"]
+    pretrain(tmp_path / "straight", 4, overrides)
+    pretrain(tmp_path / "resumed", 2, [*overrides, "checkpoint.every_steps=2"])
+    pretrain(tmp_path / "resumed", 4, overrides, resume=True)
+    straight, resumed = (trained_weights(tmp_path / name) for name in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
 
 
 def test_zero2_in_bf16_saves_the_float32_master_weights(tmp_path):

@@ -15,7 +15,6 @@ GIB = 2**30
 @pytest.mark.parametrize(("overrides", "message"), [
     (["train.strategy=deepspeed", "train.accelerator=auto"],
      "train.strategy = deepspeed: needs CUDA GPUs"),
-    (["train.strategy=fsdp"], "train.strategy = fsdp: needs CUDA GPUs"),
     (["train.precision=16-mixed"], "train.precision = 16-mixed: fp16 needs a GPU"),
     (["train.accelerator=gpu"], "no CUDA GPU is visible"),
     (["train.devices=-1"], "train.devices = -1 means every GPU"),
@@ -33,6 +32,14 @@ def test_cpu_processes_use_ddp_over_gloo():
     assert chosen.strategy._process_group_backend == "gloo"
     assert chosen.gradient_clip_val == 1.0
     assert plan(load_recipe("tiny")[1], parameters=1000).kind == "single"
+
+
+def test_cpu_processes_run_fsdp2_over_gloo_on_one_data_parallel_dimension():
+    _, recipe = load_recipe("tiny", ["train.strategy=fsdp", "train.devices=2"])
+    chosen = plan(recipe, parameters=1000)
+    assert (chosen.kind, chosen.accelerator, chosen.world_size) == ("fsdp", "cpu", 2)
+    assert chosen.strategy._process_group_backend == "gloo"
+    assert (chosen.strategy._data_parallel_size, chosen.strategy._tensor_parallel_size) == (2, 1)
 
 
 def test_zero3_that_cannot_fit_fails_unless_offloaded_or_spread():

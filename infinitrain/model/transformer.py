@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from .attention import InfiniAttention
@@ -29,6 +31,10 @@ class Block(nn.Module):
         attended, state, write_cost = self.attn(self.attn_norm(x), state, reset, use_memory)
         x = x + attended
         return x + self.mlp(self.mlp_norm(x)), state, write_cost
+
+
+OutputHead = Callable[[Tensor, nn.Linear, Tensor | None], Any]
+"""What :meth:`InfiniTransformer.forward` applies instead of the output layer, if given."""
 
 
 class InfiniTransformer(nn.Module):
@@ -107,7 +113,7 @@ class InfiniTransformer(nn.Module):
 
     def forward(self, input_ids: Tensor, state: InfiniState | None = None,
                 reset: Tensor | None = None, use_memory: bool = True,
-                logits_to_keep: int = 0) -> tuple[Tensor, InfiniState]:
+                logits_to_keep: int = 0, head: OutputHead | None = None) -> tuple[Any, InfiniState]:
         """Run ``input_ids`` [B, T] on from ``state`` (empty if None).
 
         reset: bool [B, segments starting in this chunk]; True empties that stream's memory
@@ -115,8 +121,17 @@ class InfiniTransformer(nn.Module):
         baseline: every layer uses local attention alone, and the memory is neither read nor
         written (the state's M and z stay as they were). logits_to_keep: 0 for all positions,
         else the last n only (prefilling 1M tokens needs no 128K-vocabulary logits per token).
+
+        head: instead of the logits, return ``head(hidden, lm_head, write_cost)`` (the final
+        hidden states, the output layer, :meth:`hidden_states_and_write_cost`'s write cost):
+        a training loss over the supervised positions, computed inside this call, so that a
+        wrapper that gathers sharded weights around ``forward`` (FSDP2) keeps the output layer
+        whole for it.
         """
-        hidden, state = self.hidden_states(input_ids, state, reset, use_memory)
+        hidden, state, write_cost = self.hidden_states_and_write_cost(input_ids, state, reset,
+                                                                      use_memory)
+        if head is not None:
+            return head(hidden, self.lm_head, write_cost), state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden), state
@@ -163,8 +178,14 @@ class InfiniTransformer(nn.Module):
         """sigmoid(β) per layer and query head: [n_layers, n_heads]; 1 = memory, 0 = local
         (and 0 for the local-only layers below ``memory_from_layer``)."""
         shut = torch.zeros(self.config.n_heads, device=self.embed_tokens.weight.device)
-        return torch.stack([torch.sigmoid(block.attn.gate.detach().float()) if block.attn.has_memory
-                            else shut for block in self.layers])
+        return torch.stack([torch.sigmoid(_full(block.attn.gate).detach().float())
+                            if block.attn.has_memory else shut for block in self.layers])
+
+
+def _full(parameter: Tensor) -> Tensor:
+    """The whole value of a parameter FSDP2 shards (a DTensor: a collective every rank enters),
+    else the parameter itself."""
+    return parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
 
 
 @contextlib.contextmanager

@@ -224,14 +224,14 @@ class TrainSection:
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """auto: GPUs when there are any, else the CPU."""
     devices: int = 1
-    """Processes per node (GPUs, or CPU processes for DDP and DeepSpeed); -1: every GPU of the
-    node."""
+    """Processes per node (GPUs, or CPU processes for DDP, DeepSpeed and FSDP); -1: every GPU
+    of the node."""
     num_nodes: int = 1
     """Nodes (under SLURM: the job's node count)."""
     strategy: Literal["auto", "ddp", "deepspeed", "fsdp"] = "auto"
     """auto: one process, or DDP over several; deepspeed: ZeRO (GPUs, or CPU
     processes over gloo with train.accelerator: cpu, to rehearse a cluster run); fsdp: PyTorch
-    FSDP (GPUs only)."""
+    FSDP2, every block sharded over all processes (GPUs, or CPU processes over gloo)."""
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     """ZeRO stage and offloading."""
     activation_checkpointing: bool = False

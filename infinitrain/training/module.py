@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..data import IGNORE_INDEX, Window
@@ -31,6 +32,7 @@ from ..recipe import Recipe
 from .checkpoint import load_rank_streams
 from .loss import supervised_loss_sum
 from .optim import build_optimizer, build_scheduler
+from .strategy import shard_model
 from .weights import load_initial_weights
 from .write_gate import WriteGateSchedule
 
@@ -48,10 +50,14 @@ def finite_everywhere(strategy, local: bool) -> bool:
 
 
 def gradient_norm(module: nn.Module) -> Tensor | None:
-    """The global L2 norm of the gradients this process holds (None where it holds none, as under
-    DeepSpeed, whose engine keeps them)."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.stack(norms).norm() if norms else None
+    """The global L2 norm of the gradients (None where this process holds none, as under
+    DeepSpeed, whose engine keeps them). FSDP2's are shards: their norm is reduced over the
+    ranks, so every rank must call this."""
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 class StreamingLM(LightningModule):
@@ -82,15 +88,30 @@ class StreamingLM(LightningModule):
         """Consecutive steps skipped for a non-finite loss or gradient norm."""
 
     def configure_model(self) -> None:
-        # Built here, not in __init__, so that DeepSpeed ZeRO-3 creates it already sharded.
+        # Built here, not in __init__, so that DeepSpeed ZeRO-3 creates it already sharded and
+        # FSDP2 (Lightning's device mesh) shards it before any weight exists.
         if self.model is not None:
             return
-        self.model = InfiniTransformer(self.recipe.model_config)
+        if self.device_mesh is None:
+            self.model = InfiniTransformer(self.recipe.model_config)
+        else:
+            self.model = self._sharded_model()
         self.model.activation_checkpointing = self.recipe.train.activation_checkpointing
         if self.recipe.train.compile:
             self.model.compile_blocks(dynamic=False)
         if self.init is not None:
             load_initial_weights(self.model, self.init, self.trainer.is_global_zero)
+
+    def _sharded_model(self) -> InfiniTransformer:
+        """The model built on the meta device, sharded (FSDP2), then given memory for this
+        rank's shards only and initialised there: no rank ever holds the whole model."""
+        with torch.device("meta"):
+            model = InfiniTransformer(self.recipe.model_config)
+        shard_model(model, self.device_mesh)
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            model.reset_parameters()
+        return model
 
     def configure_optimizers(self) -> dict:
         optimizer = build_optimizer(self.model, self.recipe.optim)
@@ -121,10 +142,11 @@ class StreamingLM(LightningModule):
         # A frozen gate's zero gradient counts nothing in clipping (its lr is 0 too): until
         # the gate starts, the run is the run without a gate, under every strategy.
         self.model.freeze_write_gates(not self.write_gate.trains(self.global_step))
-        hidden, state, write_cost = self.model.hidden_states_and_write_cost(
-            window.input_ids, self.streams, window.reset)
+        (loss_sum, write_cost), state = self.model(
+            window.input_ids, self.streams, window.reset,
+            head=lambda hidden, lm_head, cost: (supervised_loss_sum(hidden, window.labels,
+                                                                    lm_head), cost))
         self.streams = state.detach()  # the truncation point of truncated BPTT
-        loss_sum = supervised_loss_sum(hidden, window.labels, self.model.lm_head)
         # Mean over every supervised token of every rank once DDP averages the gradients.
         loss = loss_sum * (self.trainer.world_size / targets)
         self._update_pending = True

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.tensor import DTensor
 
 from .. import preemption
 from ..data import Tokenizer
@@ -37,7 +38,7 @@ from .checkpoint import (
     write_manifest,
 )
 from .module import NonFiniteError, StreamingLM, finite_everywhere
-from .weights import model_from_state_dict, deepspeed_fp32_state_dict
+from .weights import deepspeed_fp32_state_dict, model_from_state_dict
 
 MODULE_PREFIX = "model."
 """Where the LightningModule keeps the InfiniTransformer (prefix of its state-dict names)."""
@@ -108,8 +109,9 @@ class CheckpointWriter(Callback):
         strategy.barrier("checkpoint: staging directory")
         save_trainer_state(trainer, staged / TRAINER_STATE)
         save_rank_streams(staged, trainer.global_rank, module.streams, module.data_position)
+        whole = self._whole_model(trainer, module, staged)
         if trainer.is_global_zero:
-            save_model_dir(self._whole_model(module, staged), staged)
+            save_model_dir(whole, staged)
             self.tokenizer.save(staged / TOKENIZER_DIR)
             (staged / RECIPE_FILE).write_text(dump_recipe(self.recipe))
         strategy.barrier("checkpoint: written")  # every rank's files are complete
@@ -118,18 +120,27 @@ class CheckpointWriter(Callback):
                                             self.recipe.data.window_tokens, self.kind,
                                             torch.get_num_threads()))
 
-    def _whole_model(self, module: StreamingLM, staged: Path) -> InfiniTransformer:
-        """The full float32 model on rank 0: the live one, or rebuilt from what was just saved
-        when the live one is sharded or, under DeepSpeed, a bf16 copy of the master weights."""
+    def _whole_model(self, trainer: Trainer, module: StreamingLM,
+                     staged: Path) -> InfiniTransformer | None:
+        """The full float32 model on rank 0 (None elsewhere): the live one, or rebuilt when the
+        live one is sharded or, under DeepSpeed, a bf16 copy of the master weights. Every rank
+        calls it: FSDP2 gathers the shards collectively, to rank 0's CPU memory only."""
         config = self.recipe.model_config
+        if self.kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            state = get_model_state_dict(module.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+            return model_from_state_dict(config, state, "") if trainer.is_global_zero else None
+        if not trainer.is_global_zero:
+            return None
         if self.kind == "deepspeed":
             state = deepspeed_fp32_state_dict(staged / TRAINER_STATE)
-        elif self.kind == "fsdp":  # state_dict_type="full": rank 0 saved whole weights
-            state = torch.load(staged / TRAINER_STATE, map_location="cpu", mmap=True,
-                               weights_only=False)["state_dict"]
-        else:
-            return module.model
-        return model_from_state_dict(config, state, MODULE_PREFIX)
+            return model_from_state_dict(config, state, MODULE_PREFIX)
+        return module.model
 
 
 class CheckpointWriteError(RuntimeError):
@@ -137,8 +148,10 @@ class CheckpointWriteError(RuntimeError):
 
 
 def local_weights(module: StreamingLM) -> list[torch.Tensor]:
-    """The parameter values this rank holds (its partition under ZeRO-3)."""
-    return [getattr(p, "ds_tensor", p).detach() for p in module.parameters()]
+    """The parameter values this rank holds (its partition under ZeRO-3, its shard under
+    FSDP2)."""
+    return [p.to_local() if isinstance(p, DTensor) else getattr(p, "ds_tensor", p).detach()
+            for p in module.parameters()]
 
 
 def save_trainer_state(trainer: Trainer, path: Path) -> None:

@@ -1,11 +1,11 @@
 """From a recipe and the machine to Lightning's accelerator, strategy and precision.
 
 Impossible combinations fail here, before any process starts, with the fix in the message:
-FSDP without a GPU, DeepSpeed on a CPU nobody asked for, fp16 on a CPU, or a ZeRO layout whose
-weights, gradients and optimizer states alone cannot fit the devices.
+DeepSpeed on a CPU nobody asked for, fp16 on a CPU, or a ZeRO layout whose weights, gradients and
+optimizer states alone cannot fit the devices.
 
-DeepSpeed also runs on CPU processes over gloo when the recipe says ``train.accelerator: cpu``: a
-laptop rehearses a cluster's ZeRO run (sharding, gathers, checkpoints) with the same code path.
+DeepSpeed and FSDP also run on CPU processes over gloo: a laptop rehearses a cluster's sharded
+run (sharding, gathers, checkpoints) with the same code path.
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ import functools
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..model import InfiniTransformer
 from ..recipe import DeepSpeedSection, Recipe, RecipeError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 OPTIMIZER_STATE_BYTES = {"adamw": 12, "adafactor": 4}
 """Bytes per parameter of the float32 master copy plus optimizer moments (AdamW: m and v)."""
@@ -60,9 +64,6 @@ def plan(recipe: Recipe, parameters: int) -> Plan:
     if accelerator == "gpu" and not gpus:
         raise RecipeError("train.accelerator = gpu: no CUDA GPU is visible here; use cpu or auto")
     if accelerator == "cpu":
-        if train.strategy == "fsdp":
-            raise RecipeError("train.strategy = fsdp: needs CUDA GPUs and this run is on the CPU; "
-                              "use auto or ddp (DDP over CPU processes)")
         if train.strategy == "deepspeed" and train.accelerator != "cpu":
             raise RecipeError("train.strategy = deepspeed: needs CUDA GPUs and none is visible; "
                               "set train.accelerator=cpu to rehearse it on CPU processes")
@@ -86,7 +87,7 @@ def plan(recipe: Recipe, parameters: int) -> Plan:
         strategy = deepspeed_strategy(recipe, accelerator)
         clip = None
     elif kind == "fsdp":
-        strategy = fsdp_strategy()
+        strategy = fsdp_strategy(accelerator, world_size)
     elif kind == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -284,10 +285,26 @@ def deepspeed_strategy_classes() -> tuple[type, type]:
     return ZeroStrategy, CPUZeroStrategy
 
 
-def fsdp_strategy() -> Any:
-    """Fully sharded data parallel over the transformer blocks; whole-model checkpoints."""
-    from lightning.pytorch.strategies import FSDPStrategy
+def fsdp_strategy(accelerator: str, world_size: int) -> Any:
+    """FSDP2 over every process (one data-parallel dimension): Lightning's strategy for
+    ``fully_shard`` models, which :func:`shard_model` shards when the training module builds
+    them. Each rank saves its own shard of the weights and optimizer states; on the CPU the
+    processes talk over gloo, so a laptop rehearses a cluster run."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from ..model.transformer import Block
+    return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
+                                 save_distributed_checkpoint=True,
+                                 process_group_backend="gloo" if accelerator == "cpu" else None)
 
-    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full")
+
+def shard_model(model: InfiniTransformer, mesh: DeviceMesh) -> None:
+    """``fully_shard`` each block, then the model (the root: the embedding, final norm and output
+    layer, tied or not), over the mesh's data-parallel dimension. A unit's weights are gathered
+    around its forward and freed after, so the training step runs everything, the loss included,
+    inside the model's forward (its ``head``). The model may still be on the meta device."""
+    from torch.distributed.fsdp import fully_shard
+
+    data_parallel = mesh["data_parallel"]
+    for block in model.layers:
+        fully_shard(block, mesh=data_parallel)
+    fully_shard(model, mesh=data_parallel)

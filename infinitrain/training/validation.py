@@ -66,8 +66,11 @@ class Validation(Callback):
         total = torch.zeros(2, dtype=torch.float64, device=module.device)
         for window in islice(self.streams, self.section.windows):
             window = window.to(module.device)
-            hidden, state = module.model.hidden_states(window.input_ids, state, window.reset)
-            total[0] += supervised_loss_sum(hidden, window.labels, module.model.lm_head).double()
+            loss_sum, state = module.model(
+                window.input_ids, state, window.reset,
+                head=lambda hidden, lm_head, _, labels=window.labels: supervised_loss_sum(
+                    hidden, labels, lm_head))
+            total[0] += loss_sum.double()
             total[1] += (window.labels != IGNORE_INDEX).sum()
         module.model.train(was_training)
         loss_sum, tokens = trainer.strategy.reduce(total, reduce_op="sum").tolist()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..inference.loading import resolve_model_path
 from ..layout import WEIGHTS_FILE
@@ -70,11 +71,18 @@ def check_init(path: str | Path, config: ModelConfig) -> Path:
 def load_initial_weights(model: InfiniTransformer, directory: Path, is_global_zero: bool) -> None:
     """Copy the weights of a model directory (see :func:`check_init`) into ``model``.
 
-    Under ZeRO-3 rank 0 reads the file one tensor at a time and the gather broadcasts it, so no
-    process ever holds a second full copy of an 8B model.
+    Under ZeRO-3 rank 0 reads the file one tensor at a time and the gather broadcasts it; under
+    FSDP2 every rank reads one tensor at a time and keeps its shard: no process ever holds a
+    second full copy of an 8B model.
     """
     with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
         for name, parameter in model.named_parameters():
+            if isinstance(parameter, DTensor):  # FSDP2: every rank keeps its own shard
+                whole = weights.get_tensor(name).to(parameter.device, parameter.dtype)
+                shard = distribute_tensor(whole, parameter.device_mesh, parameter.placements)
+                with torch.no_grad():
+                    parameter.to_local().copy_(shard.to_local())
+                continue
             with gathered([parameter], modifier_rank=0), torch.no_grad():
                 if is_global_zero or not is_partitioned(parameter):
                     parameter.copy_(weights.get_tensor(name))
