@@ -219,13 +219,17 @@ def test_zero3_shards_keep_their_weight_decay(sharded_model):
                                                  if ".write_" in name))
 
 
-def test_zero3_on_two_cpu_processes_starts_from_a_sensible_loss(tmp_path):
-    """From scratch, the first loss is about ln(vocabulary) (8.3), not 124 (std-1 embeddings)."""
-    pretrain(tmp_path / "run", 3, [])
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
+def test_sharded_on_two_cpu_processes_starts_from_a_sensible_loss(tmp_path, strategy):
+    """From scratch, the first loss is about ln(vocabulary) (8.3), not 124 (std-1 embeddings),
+    and the saved weights still have about the configured std (0.02) three steps later."""
+    pretrain(tmp_path / "run", 3, [f"train.strategy={strategy}"])
     curve = losses(tmp_path / "run")
     assert sorted(curve) == [1, 2, 3]
     assert curve[1] < math.log(VOCAB) + 1, curve
-    assert (tmp_path / "run" / "step-00000003" / "model.safetensors").exists()
+    weights = trained_weights(tmp_path / "run")
+    for name in ("embed_tokens.weight", "layers.0.attn.q_proj.weight"):
+        assert 0.8 * 0.02 < weights[name].std().item() < 1.2 * 0.02, name
 
 
 def test_ranks_with_different_numbers_of_loss_chunks_do_not_deadlock(tmp_path):
