@@ -24,11 +24,13 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from infinitrain.cli import app
 from infinitrain.evaluation.training_log import TrainingLog
 from infinitrain.layout import TRAINER_STATE
 from infinitrain.model import InfiniTransformer
-from infinitrain.model_dir import save_model_dir
+from infinitrain.model_dir import load_model_dir, save_model_dir
 from infinitrain.recipe import RecipeError, load_recipe
 from infinitrain.training.strategy import plan
 from infinitrain.training.weights import deepspeed_fp32_state_dict
@@ -394,6 +396,17 @@ def test_a_sharded_run_resumes_bit_exactly(tmp_path, strategy):
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    # The checkpoint exports, and transformers computes the trained model's logits.
+    from transformers import AutoModelForCausalLM
+
+    exported = CliRunner().invoke(app, ["export", "hf", str(tmp_path / "resumed"),
+                                        str(tmp_path / "hf")])
+    assert exported.exit_code == 0, exported.output
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    ids = torch.randint(0, VOCAB, (1, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = load_model_dir(sorted((tmp_path / "straight").glob("step-*"))[-1])(ids)
+        assert torch.allclose(hf_model.eval()(ids).logits, expected, atol=1e-5, rtol=0)
 
 
 def test_zero2_in_bf16_saves_the_float32_master_weights(tmp_path):
