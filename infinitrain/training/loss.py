@@ -11,8 +11,9 @@ only scales the stored gradients by the loss's own gradient (1.19× faster for t
 loss of the ``tiny`` model on a window of 1,024 tokens, on one CPU thread).
 
 Where the output weight is sharded and gathered only inside the head's own forward (DeepSpeed
-ZeRO-3, FSDP), the loss calls the head module instead, chunk by chunk, recomputing the logits of
-every chunk but the first in the backward.
+ZeRO-3), the loss calls the head module instead, chunk by chunk, recomputing the logits of every
+chunk but the first in the backward. (FSDP2 runs the loss inside the model's forward, where the
+root unit's output weight is whole.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from ..data import IGNORE_INDEX
@@ -46,8 +46,8 @@ def supervised_loss_sum(hidden: Tensor, labels: Tensor, head: nn.Linear) -> Tens
 
 def _gathered_only_in_forward(weight: Tensor) -> bool:
     """Whether ``weight`` is a shard that only the module's own forward makes whole: ZeRO-3
-    parameters carry a ``ds_id``; FSDP2 parameters are DTensors."""
-    return hasattr(weight, "ds_id") or isinstance(weight, DTensor)
+    parameters carry a ``ds_id``."""
+    return hasattr(weight, "ds_id")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
