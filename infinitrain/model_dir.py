@@ -6,6 +6,9 @@ so ``--model`` of every evaluation command accepts a checkpoint directory as it 
     model_config.json    ModelConfig fields
     model.safetensors    float32 weights (tied weights stored once)
     tokenizer/           tokenizer files (optional)
+
+A checkpoint written with ``checkpoint.consolidate: final`` before the end of training has no
+``model.safetensors``: its weights are read from the trainer state (``consolidate.py``).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
+from .consolidate import trainer_state_weights
 from .integrity import ManifestError, problem, read_manifest_json
-from .layout import MANIFEST_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE
+from .layout import MANIFEST_FILE, MODEL_CONFIG_FILE, TOKENIZER_DIR, TRAINER_STATE, WEIGHTS_FILE
 from .model import InfiniTransformer, ModelConfig
 
 
@@ -30,9 +35,7 @@ class ModelDirError(FileNotFoundError):
 
 def save_model_dir(model: InfiniTransformer, out_dir: str | Path,
                    tokenizer_dir: str | Path | None = None) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MODEL_CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    out = save_model_config(model.config, out_dir)
     weights = {name: t.detach().to("cpu", torch.float32).contiguous()
                for name, t in model.state_dict().items()}
     if model.config.tie_embeddings:
@@ -42,6 +45,13 @@ def save_model_dir(model: InfiniTransformer, out_dir: str | Path,
     target = out / TOKENIZER_DIR
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != target.resolve():
         shutil.copytree(tokenizer_dir, target, dirs_exist_ok=True)
+    return out
+
+
+def save_model_config(config: ModelConfig, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return out
 
 
@@ -71,20 +81,40 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32) -> InfiniTransformer:
     """The model stored at ``path``, in eval mode."""
     config = load_model_config(path)
-    weights_file = Path(path) / WEIGHTS_FILE
-    if not weights_file.is_file():
-        raise ModelDirError(f"{path}: has {MODEL_CONFIG_FILE} but no {WEIGHTS_FILE}")
-    check_listed_files(Path(path), [MODEL_CONFIG_FILE, WEIGHTS_FILE])
+    weights = load_weights(Path(path))
     model = InfiniTransformer(config)
-    try:
-        weights = load_file(str(weights_file))
-    except SafetensorError as error:
-        raise ModelDirError(f"{weights_file}: unreadable ({error}); the file is truncated or "
-                            "corrupt") from None
     if config.tie_embeddings:
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     model.load_state_dict(weights)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """The float32 weights of the model directory ``path``: its ``model.safetensors``, or those
+    of its trainer state in a checkpoint whose weights were not consolidated when it was saved."""
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.is_file():
+        return unconsolidated_weights(path)
+    check_listed_files(path, [MODEL_CONFIG_FILE, WEIGHTS_FILE])
+    try:
+        return load_file(str(weights_file))
+    except SafetensorError as error:
+        raise ModelDirError(f"{weights_file}: unreadable ({error}); the file is truncated or "
+                            "corrupt") from None
+
+
+def unconsolidated_weights(path: Path) -> dict[str, Tensor]:
+    """The weights of a checkpoint saved without ``model.safetensors`` (``checkpoint.consolidate:
+    final``), gathered from its trainer state once its files are checked against the manifest."""
+    if not (path / MANIFEST_FILE).is_file() or not (path / TRAINER_STATE).exists():
+        raise ModelDirError(f"{path}: has {MODEL_CONFIG_FILE} but no {WEIGHTS_FILE}")
+    check_listed_files(path, [MODEL_CONFIG_FILE, TRAINER_STATE])
+    try:
+        strategy = read_manifest_json(path)["strategy"]
+        return trainer_state_weights(path, strategy)
+    except (KeyError, ManifestError, OSError, RuntimeError) as error:
+        raise ModelDirError(f"{path}: its weights cannot be read from {TRAINER_STATE} ({error}); "
+                            "use another checkpoint of the run") from None
 
 
 def check_listed_files(path: Path, names: list[str]) -> None:

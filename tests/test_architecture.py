@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "infinitrain"
 
 LAYERS = {
-    "layout": 1, "model": 1, "data": 1, "preemption": 1, "integrity": 1,
+    "layout": 1, "model": 1, "data": 1, "preemption": 1, "integrity": 1, "consolidate": 1,
     "recipe": 2, "model_dir": 2,
     "export": 3, "slurm": 3,
     "inference": 4,

@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,13 +28,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from infinitrain.cli import app
+from infinitrain.consolidate import deepspeed_fp32_state_dict, trainer_state_weights
 from infinitrain.evaluation.training_log import TrainingLog
 from infinitrain.layout import TRAINER_STATE
 from infinitrain.model import InfiniTransformer
 from infinitrain.model_dir import load_model_dir, save_model_dir
 from infinitrain.recipe import RecipeError, load_recipe
 from infinitrain.training.strategy import plan
-from infinitrain.training.weights import deepspeed_fp32_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 INFINITRAIN = Path(sys.executable).with_name("infinitrain")
@@ -378,31 +379,37 @@ def test_sharded_training_ends_at_the_weights_ddp_ends_at(tmp_path, ddp_runs, st
 @pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
 def test_a_sharded_run_starts_sensibly_resumes_bit_exactly_and_exports(tmp_path, strategy):
     """From scratch, the first loss is about ln(vocabulary) (8.3), not 124 (std-1 embeddings),
-    and the weights keep about the configured std (0.02); a run stopped and resumed with
-    --resume auto is bit-identical to a straight one; its checkpoint exports, and transformers
-    computes the trained model's logits."""
-    overrides = [f"train.strategy={strategy}"]
-    pretrain(tmp_path / "straight", 3, overrides)
-    curve = losses(tmp_path / "straight")
+    and the weights keep about the configured std (0.02). With checkpoint.consolidate: final the
+    middle checkpoint holds only the sharded trainer state, yet a run resumed from it is
+    bit-identical to the straight one, and it exports: transformers computes its logits. Read
+    back on one process, the last checkpoint's shards are the weights its ranks gathered."""
+    overrides = [f"train.strategy={strategy}", "checkpoint.consolidate=final"]
+    straight = tmp_path / "straight"
+    pretrain(straight, 3, [*overrides, "checkpoint.every_steps=2"])
+    curve = losses(straight)
     assert sorted(curve) == [1, 2, 3] and curve[1] < math.log(VOCAB) + 1, curve
-    straight = trained_weights(tmp_path / "straight")
+    final, middle = straight / "step-00000003", straight / "step-00000002"
+    weights = load_file(str(final / "model.safetensors"))
     for name in ("embed_tokens.weight", "layers.0.attn.q_proj.weight"):
-        assert 0.8 * 0.02 < straight[name].std().item() < 1.2 * 0.02, name
-    pretrain(tmp_path / "resumed", 2, [*overrides, "checkpoint.every_steps=2"])
-    pretrain(tmp_path / "resumed", 3, overrides, resume=True)
-    resumed = trained_weights(tmp_path / "resumed")
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
-    assert losses(tmp_path / "resumed") == curve
+        assert 0.8 * 0.02 < weights[name].std().item() < 1.2 * 0.02, name
+    read_back = trainer_state_weights(final, strategy)
+    assert all(torch.equal(read_back[name], weights[name]) for name in weights)
+    assert not (middle / "model.safetensors").exists()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(middle, resumed / middle.name)
+    pretrain(resumed, 3, overrides, resume=True)
+    assert losses(resumed) == {3: curve[3]}
+    resumed_weights = load_file(str(resumed / final.name / "model.safetensors"))
+    assert all(torch.equal(weights[name], resumed_weights[name]) for name in weights)
     from transformers import AutoModelForCausalLM
 
-    exported = CliRunner().invoke(app, ["export", "hf", str(tmp_path / "resumed"),
-                                        str(tmp_path / "hf")])
+    exported = CliRunner().invoke(app, ["export", "hf", str(middle), str(tmp_path / "hf")])
     assert exported.exit_code == 0, exported.output
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
     ids = torch.randint(0, VOCAB, (1, 80), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected, _ = load_model_dir(sorted((tmp_path / "straight").glob("step-*"))[-1])(ids)
+        expected, _ = load_model_dir(middle)(ids)
+        assert not torch.allclose(load_model_dir(final)(ids)[0], expected)
         assert torch.allclose(hf_model.eval()(ids).logits, expected, atol=1e-5, rtol=0)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_line_error
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
@@ -26,6 +27,7 @@ from typer.testing import CliRunner
 
 from infinitrain.cli import app
 from infinitrain.evaluation.training_log import TrainingLog
+from infinitrain.model_dir import load_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 INFINITRAIN = Path(sys.executable).with_name("infinitrain")
@@ -248,6 +250,33 @@ def test_finetune_starts_from_the_init_weights(straight_run, tmp_path):
     wrong = CliRunner().invoke(app, ["finetune", "--recipe", "tiny", "--init", str(init),
                                      "--out-dir", str(tmp_path / "wrong")])
     assert wrong.exit_code == 2 and "d_model 64 vs 128" in wrong.output, wrong.output
+
+
+def test_checkpoints_saved_without_their_weights_still_resume_evaluate_and_export(straight_run,
+                                                                                   tmp_path):
+    """With checkpoint.consolidate: final only the last checkpoint holds model.safetensors; an
+    earlier one's weights, read from its trainer state, are the straight run's, `export model`
+    writes them for model.init (which refuses the checkpoint itself, naming that command), and a
+    run resumed from it ends bit-identical to the straight run."""
+    run, middle_step = tmp_path / "final-only", STEPS // 2
+    trained(run, "--max-steps", str(STEPS), overrides=[*SMALL, "checkpoint.consolidate=final"])
+    middle = checkpoint(run, middle_step)
+    assert not (middle / "model.safetensors").exists()
+    assert (checkpoint(run, STEPS) / "model.safetensors").is_file()
+    expected = load_file(str(checkpoint(straight_run, middle_step) / "model.safetensors"))
+    read = load_model_dir(middle).state_dict()
+    assert_same_tensors({name: read[name] for name in expected}, expected)
+    exported = CliRunner().invoke(app, ["export", "model", str(middle), str(tmp_path / "model")])
+    assert exported.exit_code == 0, exported.output
+    assert_same_tensors(load_file(str(tmp_path / "model" / "model.safetensors")), expected)
+    assert (tmp_path / "model" / "tokenizer" / "tokenizer.json").is_file()
+    refused = pretrain(tmp_path / "init", "--max-steps", "1",
+                       overrides=[*SMALL, f"model.init={middle}"])
+    one_line_error(refused, "infinitrain export model")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(middle, resumed / middle.name)
+    trained(resumed, "--max-steps", str(STEPS), "--resume", "auto")
+    assert_same_end(resumed, straight_run)
 
 
 def test_sigusr1_saves_a_checkpoint_and_stops_cleanly(tmp_path):

@@ -45,14 +45,44 @@ def export_hf(
         model_dir = resolve_model_path(checkpoint)
         with stdout.status(f"exporting {model_dir}"):
             out = export(model_dir, out_dir, dtype, max_shard_size)
-    table = Table(title=f"Exported {model_dir} to {out}")
-    table.add_column("file")
-    table.add_column("size", justify="right")
-    for file in sorted(out.iterdir()):
-        table.add_row(file.name, human_bytes(file.stat().st_size))
-    stdout.print(table)
+    print_files(f"Exported {model_dir} to {out}", out)
     stdout.print(f"Load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, "
                  "trust_remote_code=True); README.md has the details.", highlight=False)
+
+
+@export_app.command("model")
+def export_model(
+    checkpoint: Annotated[Path, typer.Argument(
+        help="Training checkpoint (step-XXXXXXXX/), a run's out_dir (its 'latest' checkpoint) or "
+             "a Hugging Face export.", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="New directory to write.", show_default=False)],
+) -> None:
+    """Write a model directory (float32 weights, config, tokenizer) that a recipe's model.init
+    starts from: e.g. from a checkpoint saved without its weights (checkpoint.consolidate:
+    final), whose sharded trainer state is gathered here, on one process."""
+    from ..export.files import check_new_dir
+    from ..inference.loading import load_model
+    from ..model_dir import save_model_dir
+
+    with reported():
+        check_new_dir(out_dir)
+        with stdout.status(f"reading {checkpoint}"):
+            loaded = load_model(checkpoint)
+            out = save_model_dir(loaded.model, out_dir, loaded.tokenizer_dir)
+    print_files(f"Wrote {loaded.path} to {out}", out)
+    stdout.print(f"A recipe continues from it with --set model.init={out}", highlight=False)
+
+
+def print_files(heading: str, directory: Path) -> None:
+    stdout.print(heading, highlight=False)
+    table = Table()
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for file in sorted(directory.iterdir()):
+        size = sum(f.stat().st_size for f in file.rglob("*")) if file.is_dir() else \
+            file.stat().st_size
+        table.add_row(file.name + ("/" if file.is_dir() else ""), human_bytes(size))
+    stdout.print(table)
 
 
 @import_app.command("hf")

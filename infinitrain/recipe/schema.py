@@ -269,6 +269,12 @@ class CheckpointSection:
     """Save every this many optimizer steps (and always where an invocation stops)."""
     keep_last: int = 3
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    consolidate: Literal["every", "final"] = "every"
+    """Which checkpoints hold the inference weights (model.safetensors, float32, whole): 'every'
+    one, or only the 'final' one, where training reaches train.max_steps. Under DeepSpeed or FSDP
+    each consolidation gathers the whole model to rank 0 while the other ranks wait (minutes for
+    8B); with 'final' the other checkpoints keep their weights in the trainer state only, and
+    eval, generate and export read them from there, on one process, when asked."""
 
     def __post_init__(self) -> None:
         for name in ("every_steps", "keep_last"):

@@ -2,7 +2,8 @@
 
 Every rank takes part: Lightning/DeepSpeed write the trainer state (sharded under ZeRO), each rank
 writes its own streams' memory and data position, rank 0 writes the recipe, tokenizer and
-inference model directory, then the manifest listing every file's size and checksum, and only then
+inference model directory (its weights only at the end of training under ``checkpoint.consolidate:
+final``), then the manifest listing every file's size and checksum, and only then
 is the checkpoint renamed into place. Weights that are not finite are never saved, and a save that
 fails (a full disk) leaves no half-written directory behind and the earlier checkpoints untouched.
 
@@ -24,10 +25,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.tensor import DTensor
 
 from .. import preemption
+from ..consolidate import trainer_state_weights
 from ..data import Tokenizer
 from ..layout import RECIPE_FILE, TOKENIZER_DIR, TRAINER_STATE
 from ..model import InfiniTransformer
-from ..model_dir import save_model_dir
+from ..model_dir import save_model_config, save_model_dir
 from ..recipe import Recipe, dump_recipe
 from .checkpoint import (
     Manifest,
@@ -38,10 +40,7 @@ from .checkpoint import (
     write_manifest,
 )
 from .module import NonFiniteError, StreamingLM, finite_everywhere
-from .weights import deepspeed_fp32_state_dict, model_from_state_dict
-
-MODULE_PREFIX = "model."
-"""Where the LightningModule keeps the InfiniTransformer (prefix of its state-dict names)."""
+from .weights import model_from_state_dict
 
 
 class CheckpointWriter(Callback):
@@ -109,9 +108,13 @@ class CheckpointWriter(Callback):
         strategy.barrier("checkpoint: staging directory")
         save_trainer_state(trainer, staged / TRAINER_STATE)
         save_rank_streams(staged, trainer.global_rank, module.streams, module.data_position)
-        whole = self._whole_model(trainer, module, staged)
+        if self.consolidates(trainer):
+            whole = self._whole_model(trainer, module, staged)
+            if trainer.is_global_zero:
+                save_model_dir(whole, staged)
+        elif trainer.is_global_zero:
+            save_model_config(self.recipe.model_config, staged)
         if trainer.is_global_zero:
-            save_model_dir(whole, staged)
             self.tokenizer.save(staged / TOKENIZER_DIR)
             (staged / RECIPE_FILE).write_text(dump_recipe(self.recipe))
         strategy.barrier("checkpoint: written")  # every rank's files are complete
@@ -119,6 +122,12 @@ class CheckpointWriter(Callback):
             write_manifest(staged, Manifest(step, trainer.world_size, self.recipe.data.streams,
                                             self.recipe.data.window_tokens, self.kind,
                                             torch.get_num_threads()))
+
+    def consolidates(self, trainer: Trainer) -> bool:
+        """Whether this checkpoint gets the inference weights (``checkpoint.consolidate``); the
+        others are read from the trainer state by whatever loads them as a model."""
+        return (self.recipe.checkpoint.consolidate == "every"
+                or trainer.global_step >= trainer.max_steps)
 
     def _whole_model(self, trainer: Trainer, module: StreamingLM,
                      staged: Path) -> InfiniTransformer | None:
@@ -138,8 +147,7 @@ class CheckpointWriter(Callback):
         if not trainer.is_global_zero:
             return None
         if self.kind == "deepspeed":
-            state = deepspeed_fp32_state_dict(staged / TRAINER_STATE)
-            return model_from_state_dict(config, state, MODULE_PREFIX)
+            return model_from_state_dict(config, trainer_state_weights(staged, self.kind), "")
         return module.model
 
 

@@ -59,6 +59,10 @@ def check_init(path: str | Path, config: ModelConfig) -> Path:
     if differences:
         raise RecipeError(f"model.init = {path}: its weights do not fit the recipe's model "
                           f"(checkpoint vs recipe: {', '.join(differences)})")
+    if not (directory / WEIGHTS_FILE).is_file():  # every rank would gather the whole model
+        raise RecipeError(f"model.init = {path}: {directory.name} was saved without its model "
+                          f"weights (checkpoint.consolidate: final); write them once with "
+                          f"`infinitrain export model {directory} DIR` and set model.init=DIR")
     changed = [f"{name} {value!r} → {getattr(config, name)!r}"
                for name, value in saved.to_dict().items()
                if name not in (*SHAPE_FIELDS, *INIT_ONLY_FIELDS) and value != getattr(config, name)]
@@ -86,15 +90,6 @@ def load_initial_weights(model: InfiniTransformer, directory: Path, is_global_ze
             with gathered([parameter], modifier_rank=0), torch.no_grad():
                 if is_global_zero or not is_partitioned(parameter):
                     parameter.copy_(weights.get_tensor(name))
-
-
-def deepspeed_fp32_state_dict(checkpoint_dir: Path) -> dict[str, Tensor]:
-    """The whole float32 state dict of a DeepSpeed checkpoint's shards (read on one process):
-    the optimizer's float32 master weights, at every ZeRO stage. (Under bf16 the live module
-    holds bf16 copies, even where it is whole.)"""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
 
 
 def model_from_state_dict(config: ModelConfig, state: dict[str, Tensor],
