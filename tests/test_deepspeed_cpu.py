@@ -62,12 +62,13 @@ def subprocess_env() -> dict[str, str]:
 
 
 def pretrain(out_dir: Path, steps: int, overrides: list[str],
-             command: list[str] | None = None, resume: bool = False) -> None:
+             command: list[str] | None = None, resume: bool = False, devices: int = 2) -> None:
     """Two ZeRO-3 CPU processes (Lightning starts the second) through the CLI, or ``command``;
     ``overrides`` may choose another strategy."""
     command = command or [str(INFINITRAIN)]
     process = subprocess.Popen(
-        [*command, "pretrain", "--recipe", "tiny", "--out-dir", str(out_dir), "--devices", "2",
+        [*command, "pretrain", "--recipe", "tiny", "--out-dir", str(out_dir),
+         "--devices", str(devices),
          "--max-steps", str(steps), *(["--resume", "auto"] if resume else []),
          *sets([*SMALL, f"checkpoint.every_steps={steps}", *overrides])],
         cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -284,13 +285,6 @@ def test_accumulated_gradients_are_averaged_once_under_deepspeed():
     assert weight == pytest.approx([-0.1] * 4)
 
 
-def test_zero3_offloading_optimizer_and_parameters_trains_with_the_recipes_optimizer(tmp_path):
-    """DeepSpeed refuses a client optimizer with ZeRO-Offload unless told it may have one."""
-    pretrain(tmp_path / "run", 2, ["train.deepspeed.offload_optimizer=true",
-                                   "train.deepspeed.offload_parameters=true"])
-    assert sorted(losses(tmp_path / "run")) == [1, 2]
-
-
 DDP_EQUALITY = ["model.memory_rule=deltanet", "model.memory_write_gate=true",
                 "model.write_gate_activation=clamp", "model.write_gate_init=1.0",
                 "optim.write_penalty=1.0", "optim.grad_clip=0.05", "optim.eps=1e-6",
@@ -376,16 +370,24 @@ def test_sharded_training_ends_at_the_weights_ddp_ends_at(tmp_path, ddp_runs, st
             logs["sharded"].points(column), column
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
-def test_a_sharded_run_starts_sensibly_resumes_bit_exactly_and_exports(tmp_path, strategy):
+OFFLOAD = ["train.deepspeed.offload_optimizer=true", "train.deepspeed.offload_parameters=true"]
+"""DeepSpeed refuses a client optimizer with ZeRO-Offload unless told it may have one."""
+
+
+@pytest.mark.parametrize(("strategy", "devices", "options"), [
+    ("deepspeed", 2, []), ("fsdp", 2, []), ("deepspeed", 1, OFFLOAD)],
+    ids=["zero3", "fsdp2", "zero3-one-process-offloaded"])
+def test_a_sharded_run_starts_sensibly_resumes_bit_exactly_and_exports(tmp_path, strategy,
+                                                                       devices, options):
     """From scratch, the first loss is about ln(vocabulary) (8.3), not 124 (std-1 embeddings),
     and the weights keep about the configured std (0.02). With checkpoint.consolidate: final the
     middle checkpoint holds only the sharded trainer state, yet a run resumed from it is
     bit-identical to the straight one, and it exports: transformers computes its logits. Read
-    back on one process, the last checkpoint's shards are the weights its ranks gathered."""
-    overrides = [f"train.strategy={strategy}", "checkpoint.consolidate=final"]
+    back on one process, the last checkpoint's shards are the weights its ranks gathered. ZeRO-3
+    also in one process, its optimizer state and parameters offloaded to the CPU."""
+    overrides = [f"train.strategy={strategy}", "checkpoint.consolidate=final", *options]
     straight = tmp_path / "straight"
-    pretrain(straight, 3, [*overrides, "checkpoint.every_steps=2"])
+    pretrain(straight, 3, [*overrides, "checkpoint.every_steps=2"], devices=devices)
     curve = losses(straight)
     assert sorted(curve) == [1, 2, 3] and curve[1] < math.log(VOCAB) + 1, curve
     final, middle = straight / "step-00000003", straight / "step-00000002"
@@ -397,7 +399,7 @@ def test_a_sharded_run_starts_sensibly_resumes_bit_exactly_and_exports(tmp_path,
     assert not (middle / "model.safetensors").exists()
     resumed = tmp_path / "resumed"
     shutil.copytree(middle, resumed / middle.name)
-    pretrain(resumed, 3, overrides, resume=True)
+    pretrain(resumed, 3, overrides, resume=True, devices=devices)
     assert losses(resumed) == {3: curve[3]}
     resumed_weights = load_file(str(resumed / final.name / "model.safetensors"))
     assert all(torch.equal(weights[name], resumed_weights[name]) for name in weights)
