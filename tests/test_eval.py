@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.text import Text
 from rouge_score import rouge_scorer
 from test_inference import random_model
 from typer.testing import CliRunner
@@ -31,6 +32,7 @@ from infinitrain.evaluation.passkey import PasskeySettings, evaluate_passkey, fi
 from infinitrain.evaluation.perplexity import document_loss
 from infinitrain.evaluation.resources import process_peak_rss_bytes
 from infinitrain.evaluation.rouge import rouge
+from infinitrain.evaluation.tables import passkey_table
 from infinitrain.inference import Generation
 from infinitrain.model_dir import save_model_dir
 
@@ -175,6 +177,28 @@ def test_passkey_offsets_find_the_end_position_a_model_fails_at(workdir, monkeyp
     assert result.to_dict()["accuracy_by_end_position"]["0.0"][8] == 0.0
     with pytest.raises(ValueError, match="offsets = 0"):
         PasskeySettings(lengths=(512,), depths=(0.0,), offsets=0)
+
+
+def test_passkey_accuracy_by_key_digits_shows_a_model_that_does_not_know_when_to_stop(
+        workdir, monkeypatch):
+    """A stand-in model that always answers five digits fails exactly the shorter keys."""
+    tokenizer = load_tokenizer(TOKENIZER)
+    model = random_model(vocab_size=VOCAB, segment_len=SEGMENT)
+
+    def five_digits(model, pieces, state, config, on_progress=None):
+        key = tokenizer.decode(torch.cat(list(pieces))).split("The pass key is ")[1].split(".")[0]
+        return Generation(tokenizer.encode(f" {key:0<5}"), model.empty_state(1), 1, False, 1.0,
+                          0.1)
+
+    monkeypatch.setattr("infinitrain.evaluation.passkey.generate", five_digits)
+    settings = PasskeySettings(lengths=(512,), depths=(0.0, 1.0), samples=8, key_min=5000,
+                               key_max=14999)
+    result = evaluate_passkey(model, tokenizer, settings)
+    by_digits = result.accuracy_by_key_digits()
+    fours = sum(len(str(t.key)) == 4 for t in result.trials)
+    assert by_digits == {4: (0.0, fours), 5: (1.0, 16 - fours)} and 0 < fours < 16
+    assert result.to_dict()["accuracy_by_key_digits"]["4"] == {"accuracy": 0.0, "trials": fours}
+    assert f"4: 0% of {fours}" in Text.from_markup(str(passkey_table(result).caption)).plain
 
 
 def test_passkey_command_writes_table_json_and_heatmap(workdir):

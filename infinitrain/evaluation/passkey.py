@@ -126,6 +126,15 @@ class PasskeyResult:
         """Exact match per end position in the last segment (0: on a boundary), all lengths."""
         return self._accuracy_by(lambda t: t.end_position, lambda t: depth in (None, t.depth))
 
+    def accuracy_by_key_digits(self) -> dict[int, tuple[float, int]]:
+        """Exact match and number of trials per number of digits in the key, all lengths and
+        depths: where a model retrieves 5-digit keys but not shorter ones, what it lacks is when
+        to stop, not the key."""
+        hits: dict[int, list[bool]] = {}
+        for t in self.trials:
+            hits.setdefault(len(str(t.key)), []).append(t.correct)
+        return {digits: (sum(h) / len(h), len(h)) for digits, h in sorted(hits.items())}
+
     def worst_offset(self, length: int) -> tuple[int, float]:
         """The offset added to ``length`` with the lowest accuracy over all depths."""
         by_offset = self._accuracy_by(lambda t: t.offset, lambda t: t.length == length)
@@ -139,6 +148,9 @@ class PasskeyResult:
                                    for n in self.lengths},
             "accuracy_by_end_position": {str(d): self.accuracy_by_end_position(d)
                                          for d in depths},
+            "accuracy_by_key_digits": {str(digits): {"accuracy": accuracy, "trials": n}
+                                       for digits, (accuracy, n) in
+                                       self.accuracy_by_key_digits().items()},
             "lengths": {str(n): {**asdict(s), "tokens_per_second": s.tokens_per_second}
                         for n, s in self.lengths.items()},
             "trials": [{**asdict(t), "correct": t.correct} for t in self.trials],

@@ -32,8 +32,11 @@ def passkey_table(result: PasskeyResult) -> Table:
     spread = f" over {settings.offsets} end positions" if settings.offsets > 1 else ""
     hidden_in = (f", hidden in {settings.haystack}" if settings.haystack else
                  ", other filler" if settings.filler != FILLER else "")
+    by_digits = ", ".join(f"{digits}: {_percent(accuracy)} of {n}" for digits, (accuracy, n)
+                          in result.accuracy_by_key_digits().items())
     table = Table(title=f"Passkey retrieval, exact match ({settings.samples * settings.offsets} "
-                        f"prompts per cell{spread}, {memory}{hidden_in})")
+                        f"prompts per cell{spread}, {memory}{hidden_in})",
+                  caption=f"by digits in the key: {by_digits}")
     table.add_column("length", justify="right")
     for depth in settings.depths:
         table.add_column(f"depth {depth:g}", justify="right")
