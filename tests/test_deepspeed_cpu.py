@@ -1,13 +1,15 @@
-"""DeepSpeed ZeRO-3 on CPU processes over gloo: a laptop rehearses a cluster run.
+"""DeepSpeed ZeRO-3 and FSDP2 on CPU processes over gloo: a laptop rehearses a cluster run.
 
-The real DeepSpeed and Lightning throughout. Two kinds of test: a model built under
-``deepspeed.zero.Init`` in two spawned processes (its weights really are 1-D shards there), and
-`infinitrain pretrain` itself with two ZeRO-3 processes, shrunk to seconds per run.
+The real DeepSpeed, torch and Lightning throughout. Two kinds of test: a model built under
+``deepspeed.zero.Init`` or sharded by FSDP2 in two spawned processes (its weights really are
+shards there), and `infinitrain pretrain` itself with sharded processes, shrunk to seconds per
+run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import multiprocessing
 import os
@@ -138,35 +140,53 @@ def in_zero3_processes(function: Callable[[], Any], world_size: int = 2) -> Any:
     return result
 
 
-def build_sharded_model() -> dict[str, Any]:
-    """A tiny model with a write gate built as ZeRO-3 builds it, then its parameters' shapes as
-    the optimizer sees them, its optimizer's groups (parameter names) and its gathered
-    initial weights."""
+def build_sharded_model(kind: str) -> dict[str, Any]:
+    """A tiny model with a write gate built as ZeRO-3 or FSDP2 builds it, then the shapes of its
+    parameters' local parts, its optimizer's groups (parameter names) and its gathered initial
+    weights."""
     import deepspeed
+    from torch.distributed.device_mesh import init_device_mesh
 
     from infinitrain.model import InfiniTransformer, preset
     from infinitrain.recipe import OptimSection
     from infinitrain.training.optim import build_optimizer
+    from infinitrain.training.strategy import sharded_model
 
     config = preset("tiny", vocab_size=256, d_model=32, ffn_dim=64, memory_rule="deltanet",
                     memory_write_gate=True)
-    zero3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
-    with deepspeed.zero.Init(config_dict_or_path=zero3):
-        model = InfiniTransformer(config)
+    if kind == "zero3":
+        zero3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+        with deepspeed.zero.Init(config_dict_or_path=zero3):
+            model = InfiniTransformer(config)
+    else:
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
+        model = sharded_model(config, mesh, "cpu")
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     optimizer = build_optimizer(model, OptimSection(weight_decay=0.1))
     groups = {group["name"]: (group["weight_decay"], sorted(names[id(p)] for p in group["params"]))
               for group in optimizer.param_groups}
-    shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        # Lists: tensors would cross to the parent through shared memory of a finished process.
-        weights = {name: parameter.tolist() for name, parameter in model.named_parameters()}
+    # Lists: tensors would cross to the parent through shared memory of a finished process.
+    if kind == "zero3":
+        shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            weights = {name: parameter.tolist() for name, parameter in model.named_parameters()}
+    else:
+        shapes = {name: tuple(parameter.to_local().shape)
+                  for name, parameter in model.named_parameters()}
+        weights = {name: parameter.full_tensor().tolist()
+                   for name, parameter in model.named_parameters()}
     return {"config": config, "groups": groups, "shapes": shapes, "weights": weights}
 
 
-@pytest.fixture(scope="module")
-def sharded_model() -> dict[str, Any]:
-    return in_zero3_processes(build_sharded_model)
+LOCAL_EMBEDDING_SHAPE = {"zero3": (0,), "fsdp2": (128, 32)}
+"""What each rank's model code holds of the 256 × 32 embedding outside a forward: nothing under
+ZeRO-3 (a placeholder), half of its rows under FSDP2."""
+
+
+@pytest.fixture(scope="module", params=["zero3", "fsdp2"])
+def sharded_model(request) -> dict[str, Any]:
+    return {"kind": request.param,
+            **in_zero3_processes(functools.partial(build_sharded_model, request.param))}
 
 
 @pytest.fixture(autouse=True)
@@ -191,10 +211,11 @@ def test_deepspeed_without_gpus_asks_for_the_cpu_explicitly():
         plan(recipe, parameters=1000)
 
 
-def test_zero3_parameters_are_shards_yet_start_from_the_configured_init(sharded_model):
+def test_sharded_parameters_are_shards_yet_start_from_the_configured_init(sharded_model):
     config = sharded_model["config"]
     weights = {name: torch.tensor(values) for name, values in sharded_model["weights"].items()}
-    assert sharded_model["shapes"]["embed_tokens.weight"] == (0,)  # what the model code sees
+    assert sharded_model["shapes"]["embed_tokens.weight"] == \
+        LOCAL_EMBEDDING_SHAPE[sharded_model["kind"]]
     matrices = [name for name in weights if name.endswith("_proj.weight")]
     assert len(matrices) == 7 * config.n_layers
     for name in ["embed_tokens.weight", *matrices]:
@@ -211,7 +232,7 @@ def test_zero3_parameters_are_shards_yet_start_from_the_configured_init(sharded_
             assert torch.all(weight == config.write_gate_init), name
 
 
-def test_zero3_shards_keep_their_weight_decay(sharded_model):
+def test_sharded_parameters_keep_their_weight_decay(sharded_model):
     groups, names = sharded_model["groups"], list(sharded_model["weights"])
     assert set(groups) == {"decay", "no_decay", "gates", "write_gates"}
     assert groups["decay"] == (0.1, sorted(name for name in names if name.endswith("_proj.weight")

@@ -32,7 +32,7 @@ from ..recipe import Recipe
 from .checkpoint import load_rank_streams
 from .loss import supervised_loss_sum
 from .optim import build_optimizer, build_scheduler
-from .strategy import shard_model
+from .strategy import sharded_model
 from .weights import load_initial_weights
 from .write_gate import WriteGateSchedule
 
@@ -95,23 +95,12 @@ class StreamingLM(LightningModule):
         if self.device_mesh is None:
             self.model = InfiniTransformer(self.recipe.model_config)
         else:
-            self.model = self._sharded_model()
+            self.model = sharded_model(self.recipe.model_config, self.device_mesh, self.device)
         self.model.activation_checkpointing = self.recipe.train.activation_checkpointing
         if self.recipe.train.compile:
             self.model.compile_blocks(dynamic=False)
         if self.init is not None:
             load_initial_weights(self.model, self.init, self.trainer.is_global_zero)
-
-    def _sharded_model(self) -> InfiniTransformer:
-        """The model built on the meta device, sharded (FSDP2), then given memory for this
-        rank's shards only and initialised there: no rank ever holds the whole model."""
-        with torch.device("meta"):
-            model = InfiniTransformer(self.recipe.model_config)
-        shard_model(model, self.device_mesh)
-        model.to_empty(device=self.device)
-        with torch.no_grad():
-            model.reset_parameters()
-        return model
 
     def configure_optimizers(self) -> dict:
         optimizer = build_optimizer(self.model, self.recipe.optim)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..model import InfiniTransformer
+from ..model import InfiniTransformer, ModelConfig
 from ..recipe import DeepSpeedSection, Recipe, RecipeError
 
 if TYPE_CHECKING:
@@ -295,6 +295,19 @@ def fsdp_strategy(accelerator: str, world_size: int) -> Any:
     return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
                                  save_distributed_checkpoint=True,
                                  process_group_backend="gloo" if accelerator == "cpu" else None)
+
+
+def sharded_model(config: ModelConfig, mesh: DeviceMesh,
+                  device: torch.device | str) -> InfiniTransformer:
+    """The model built on the meta device, sharded (:func:`shard_model`), then given memory for
+    this rank's shards only and initialised there: no rank ever holds the whole model."""
+    with torch.device("meta"):
+        model = InfiniTransformer(config)
+    shard_model(model, mesh)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.reset_parameters()
+    return model
 
 
 def shard_model(model: InfiniTransformer, mesh: DeviceMesh) -> None:
