@@ -143,11 +143,11 @@ class CheckpointWriter(Callback):
 
             state = get_model_state_dict(module.model, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
-            return model_from_state_dict(config, state, "") if trainer.is_global_zero else None
+            return model_from_state_dict(config, state) if trainer.is_global_zero else None
         if not trainer.is_global_zero:
             return None
         if self.kind == "deepspeed":
-            return model_from_state_dict(config, trainer_state_weights(staged, self.kind), "")
+            return model_from_state_dict(config, trainer_state_weights(staged, self.kind))
         return module.model
 
 

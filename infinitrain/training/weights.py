@@ -92,12 +92,11 @@ def load_initial_weights(model: InfiniTransformer, directory: Path, is_global_ze
                     parameter.copy_(weights.get_tensor(name))
 
 
-def model_from_state_dict(config: ModelConfig, state: dict[str, Tensor],
-                          prefix: str) -> InfiniTransformer:
-    """A model holding the tensors of ``state`` named ``prefix…``, for `save_model_dir` only:
-    nothing is copied or initialised, and non-persistent buffers stay on the meta device."""
-    weights = {name.removeprefix(prefix): tensor for name, tensor in state.items()
-               if name.startswith(prefix)}
+def model_from_state_dict(config: ModelConfig, state: dict[str, Tensor]) -> InfiniTransformer:
+    """A model holding the tensors of ``state`` (named as in the model's own state dict), for
+    `save_model_dir` only: nothing is copied or initialised, and non-persistent buffers stay on
+    the meta device."""
+    weights = dict(state)
     if config.tie_embeddings:
         weights.setdefault("lm_head.weight", weights["embed_tokens.weight"])
     with torch.device("meta"):
