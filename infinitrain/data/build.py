@@ -17,7 +17,8 @@ def build_source(config: SourceConfig, tokenizer: Tokenizer) -> DocumentSource:
         generator = PasskeyGenerator(tokenizer, config.key_min, config.key_max)
         lengths = (config.passkey_length_min or config.passkey_length, config.passkey_length)
         return PasskeySource(generator, lengths, config.depth_min, config.depth_max,
-                             config.label, config.weight, config.supervise_key_copy)
+                             config.label, config.weight, config.supervise_key_copy,
+                             config.answer_with_period)
     if config.kind == "booksum":
         return booksum_source(config, tokenizer)
     return text_source(config, tokenizer)
