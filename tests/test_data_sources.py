@@ -64,7 +64,8 @@ def test_exclude_holds_whole_documents_out_and_refuses_values_that_match_nothing
         load_rows(SourceConfig(files=books, exclude={"title": ["Persuasio"]}))
     with pytest.raises(DataSourceError, match="exclude names column 'name'"):
         load_rows(SourceConfig(files=books, exclude={"name": ["Emma"]}))
-    with pytest.raises(DataSourceError, match="remove name/files/exclude"):
+    with pytest.raises(DataSourceError, match="hides its needles in Landmark's filler; remove "
+                                              "exclude"):
         SourceConfig(kind="passkey", exclude={"title": ["Emma"]})
 
 
@@ -107,7 +108,8 @@ def test_unreachable_hub_dataset_fails_fast_and_suggests_local_files(data_tokeni
 @pytest.mark.parametrize(("fields", "message"), [
     ({}, "needs exactly one of name"),
     ({"name": "emozilla/pg19", "files": ["x.jsonl"]}, "needs exactly one of name"),
-    ({"kind": "passkey", "files": ["x.jsonl"]}, "remove name/files/exclude"),
+    ({"kind": "passkey", "name": "emozilla/pg19", "files": ["x.jsonl"]},
+     "at most one of name .* or files"),
     ({"files": ["x.jsonl"], "max_input_tokens": 100}, "only used by kind = 'booksum'"),
     ({"files": ["x.jsonl"], "passkey_length": 100}, "only used by kind = 'passkey'"),
     ({"files": ["x.jsonl"], "weight": 0}, "weight = 0: must be > 0"),
@@ -175,3 +177,28 @@ def test_what_a_data_option_names_becomes_a_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataSourceError, match="directory holds no"):
         source_for(str(tmp_path / "empty"))
+
+
+def test_passkey_needles_hide_in_the_text_of_the_sources_files_less_what_it_excludes(
+        data_dir, data_tokenizer):
+    """Training can hide needles in real prose while evaluation keeps novels no prompt ever saw:
+    the haystack is the source's files, read whole, without the excluded titles."""
+    books = [str(data_dir / "books" / "austen.jsonl.gz")]
+    held_out = ["Northanger Abbey", "Persuasion"]
+    config = SourceConfig(kind="passkey", files=books, exclude={"title": held_out},
+                          passkey_length=400)
+    assert config.label == f"passkey (400 tokens) in {books[0]}"
+    source = build_source(config, data_tokenizer)
+    haystack = source.generator.haystack
+    kept = load_rows(SourceConfig(files=books, exclude={"title": held_out}))
+    assert len(haystack) > 100_000
+    assert data_tokenizer.decode(haystack[:200].tolist()) in "\n\n".join(kept["text"])
+    every = load_rows(SourceConfig(files=books))
+    opening = {title: text[:200] for title, text in zip(every["title"], every["text"],
+                                                         strict=True)}
+    text = data_tokenizer.decode(haystack.tolist())
+    assert all(opening[title] not in text for title in held_out)
+    assert all(opening[title] in text for title in kept["title"])
+    document = next(iter(source.epoch(rank=0, world_size=1, epoch=0, seed=3)))
+    prompt = data_tokenizer.decode(document.ids.tolist())
+    assert "The pass key is" in prompt and "The grass is green" not in prompt

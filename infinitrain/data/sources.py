@@ -37,7 +37,8 @@ class SourceConfig:
 
     kind: Literal["text", "booksum", "passkey"] = "text"
     """'text': every token supervised; 'booksum': a book read unsupervised, then its summary
-    supervised; 'passkey': synthetic Landmark-format passkey prompts, only the answer supervised."""
+    supervised; 'passkey': synthetic Landmark-format passkey prompts, only the answer supervised,
+    the needle hidden in Landmark's filler or, when `name` or `files` is set, in that text."""
     name: str | None = None
     """Hugging Face hub dataset, e.g. 'emozilla/pg19'. Unset for local data (`files`)."""
     config: str | None = None
@@ -116,9 +117,13 @@ class SourceConfig:
         if self.kind not in ("text", "booksum", "passkey"):
             raise DataSourceError(f"kind = {self.kind!r}: must be one of text, booksum, passkey")
         if self.kind == "passkey":
-            if self.name or self.files or self.exclude:
-                raise DataSourceError("kind = 'passkey' generates its documents: remove "
-                                      "name/files/exclude")
+            if self.name and self.files:
+                raise DataSourceError(f"kind = 'passkey' hides its needles in the text of at "
+                                      f"most one of name (a hub dataset) or files (local data); "
+                                      f"got name = {self.name!r}, files = {self.files!r}")
+            if self.exclude and not (self.name or self.files):
+                raise DataSourceError("exclude: a passkey source without name or files hides "
+                                      "its needles in Landmark's filler; remove exclude")
             if not 0.0 <= self.depth_min <= self.depth_max <= 1.0:
                 raise DataSourceError(f"depth_min = {self.depth_min}, depth_max = "
                                       f"{self.depth_max}: need 0 <= depth_min <= depth_max <= 1")
@@ -171,7 +176,13 @@ class SourceConfig:
         """How messages name this source."""
         if self.kind == "passkey":
             lengths = (f"{self.passkey_length_min}–" if self.passkey_length_min else "")
-            return f"passkey ({lengths}{self.passkey_length} tokens)"
+            haystack = f" in {self.text_label}" if self.name or self.files else ""
+            return f"passkey ({lengths}{self.passkey_length} tokens){haystack}"
+        return self.text_label
+
+    @property
+    def text_label(self) -> str:
+        """How messages name the dataset or files this source reads."""
         if self.name:
             return self.name + (f" ({self.config})" if self.config else "") + f" [{self.split}]"
         return ", ".join(self.files)
