@@ -185,20 +185,3 @@ def test_haystack_tokens_join_documents_without_their_special_tokens(data_tokeni
     ids = haystack_tokens(documents, tok)
     assert tok.decode(ids) == "It is a truth.\n\nUniversally acknowledged.\n\n"
     assert len(haystack_tokens(documents, tok, max_tokens=3)) == 3
-
-
-def test_an_answer_with_its_period_ends_as_the_needles_sentence_does(data_tokenizer):
-    """' 2035.' after 'The pass key is' repeats the needle's tokens, period included, so the
-    supervised end of the key is a token the memory holds."""
-    tok = data_tokenizer
-    sample = PasskeyGenerator(tok, key_min=2035, key_max=2035).sample(300, 0.4, seed=5)
-    plain = sample.to_document(tok.eos_id)
-    ended = sample.to_document(tok.eos_id, answer_with_period=True)
-    supervised = ended.labels()[ended.labels() != -100].tolist()
-    assert supervised == [*tok.encode(" 2035."), tok.eos_id]
-    key_only = plain.labels()[plain.labels() != -100].tolist()
-    assert supervised == [*key_only[:-1], *sample.period_ids, tok.eos_id]
-    needle = sample.prompt_ids[sample.needle_offset:sample.needle_offset + sample.needle_len]
-    question = tok.encode("The pass key is")
-    first_sentence = needle[:len(question) + len(supervised) - 1].tolist()
-    assert first_sentence == question + supervised[:-1]

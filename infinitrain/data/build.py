@@ -28,8 +28,7 @@ def build_source(config: SourceConfig, tokenizer: Tokenizer) -> DocumentSource:
                                      haystack=haystack)
         lengths = (config.passkey_length_min or config.passkey_length, config.passkey_length)
         return PasskeySource(generator, lengths, config.depth_min, config.depth_max,
-                             config.label, config.weight, config.supervise_key_copy,
-                             config.answer_with_period)
+                             config.label, config.weight, config.supervise_key_copy)
     if config.kind == "booksum":
         return booksum_source(config, tokenizer)
     return text_source(config, tokenizer)

@@ -48,28 +48,19 @@ class PasskeySample:
     """Tokens in the needle sentence."""
     key_copy: tuple[int, int]
     """[start, end) in ``prompt_ids`` of the needle's second ' {key}', which repeats the first."""
-    period_ids: list[int]
-    """Tokens of the '.' that follows the key in the needle ('The pass key is {key}.')."""
 
-    def to_document(self, eos_id: int, supervise_key_copy: bool = False,
-                    answer_with_period: bool = False) -> Document:
+    def to_document(self, eos_id: int, supervise_key_copy: bool = False) -> Document:
         """A fine-tuning example: the prompt is read; the answer and the EOS that ends it are
         supervised (a model that never learnt to stop runs on into more digits, and the first
         integer of its output is then wrong however well it retrieved).
 
         ``supervise_key_copy`` also supervises the needle's second copy of the key: copying it
         from the first, a few tokens back, is the copy the answer needs, taught locally on every
-        prompt whatever the needle's depth.
-
-        ``answer_with_period`` answers ' {key}.', the needle's own continuation of the question's
-        'The pass key is': the token after the key's last digit is then in memory like the
-        digits, so where the key ends is retrieved rather than guessed from how many digits keys
-        usually have."""
+        prompt whatever the needle's depth."""
         start, end = self.key_copy if supervise_key_copy else (len(self.prompt_ids),) * 2
-        answer = self.answer_ids + (self.period_ids if answer_with_period else [])
         return Document.from_parts([(self.prompt_ids[:start], False),
                                     (self.prompt_ids[start:end], True),
-                                    (self.prompt_ids[end:], False), (answer, True),
+                                    (self.prompt_ids[end:], False), (self.answer_ids, True),
                                     ([eos_id], True)])
 
 
@@ -165,11 +156,9 @@ class PasskeyGenerator:
         parts = [self.head, nl, text_before, nl, needle, nl, text_after, nl, self.question]
         needle_offset = len(self.head) + 2 * len(nl) + before
         copy_start = needle_offset + len(pieces[0])
-        answer = self.tokenizer.encode(f" {key}")
         return [p if isinstance(p, tuple) else torch.as_tensor(p, dtype=torch.long)
                 for p in parts], dict(
-            answer_ids=answer, period_ids=self.tokenizer.encode(f" {key}.")[len(answer):],
-            key=key, depth=depth,
+            answer_ids=self.tokenizer.encode(f" {key}"), key=key, depth=depth,
             needle_offset=needle_offset, needle_len=len(needle),
             key_copy=(copy_start, copy_start + len(pieces[1])))
 
@@ -196,10 +185,9 @@ class PasskeySource(DocumentSource):
 
     def __init__(self, generator: PasskeyGenerator, lengths: tuple[int, int], depth_min: float,
                  depth_max: float, label: str, weight: float,
-                 supervise_key_copy: bool = False, answer_with_period: bool = False) -> None:
+                 supervise_key_copy: bool = False) -> None:
         super().__init__(label, weight)
         self.supervise_key_copy = supervise_key_copy
-        self.answer_with_period = answer_with_period
         self.generator = generator
         self.lengths = lengths
         self.depth_min, self.depth_max = depth_min, depth_max
@@ -217,6 +205,5 @@ class PasskeySource(DocumentSource):
             depth = float(rng.uniform(self.depth_min, self.depth_max))
             length = self.lengths[0] + int(rng.integers(self.lengths[1] - self.lengths[0] + 1))
             sample = self.generator.sample(length, depth, seed=int(rng.integers(2**62)))
-            yield sample.to_document(self.generator.tokenizer.eos_id, self.supervise_key_copy,
-                                     self.answer_with_period)
+            yield sample.to_document(self.generator.tokenizer.eos_id, self.supervise_key_copy)
             position += 1

@@ -97,11 +97,6 @@ class SourceConfig:
     """passkey only: also supervise the needle's second copy of the key ('The pass key is 71432.
     Remember it. 71432 is …'), a copy a few tokens back that teaches the copy the answer needs on
     every prompt, whatever the needle's depth."""
-    answer_with_period: bool = False
-    """passkey only: supervise the answer ' 71432.' (then EOS), as the needle says it ('The
-    pass key is 71432.'), not ' 71432': the token after the key's last digit is then retrieved
-    from memory like the digits, so a model need not guess from the digits so far whether a key
-    has ended. Scoring is unchanged (the first integer of the answer)."""
 
     RETIRED_FIELDS: ClassVar[dict[str, tuple[Any, str]]] = {
         "passkey_length_step": (1, "prompt lengths are drawn from every length in "
@@ -141,8 +136,7 @@ class SourceConfig:
                                   f"files = {self.files!r}")
         only = {"booksum": ("summary_field", "max_input_tokens", "truncate"),
                 "passkey": ("passkey_length", "passkey_length_min", "depth_min", "depth_max",
-                            "key_min", "key_max", "supervise_key_copy",
-                            "answer_with_period")}
+                            "key_min", "key_max", "supervise_key_copy")}
         for kind, names in only.items():
             for name in names:
                 if self.kind != kind and getattr(self, name) != defaults[name].default:
