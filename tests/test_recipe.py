@@ -99,8 +99,10 @@ BAD_RECIPES = {
     "unknown choice": (lambda r: r["train"].update(precision="fp8"),
                        "train.precision = 'fp8': must be one of 32-true, bf16-mixed"),
     "missing section": (lambda r: r.pop("train"), "train: missing; expected a mapping"),
-    "bad source": (lambda r: r["data"]["sources"][0].update(kind="passkey"),
-                   "data.sources.0: kind = 'passkey' generates its documents"),
+    "bad source": (lambda r: r["data"]["sources"][0].update(kind="passkey",
+                                                             name="emozilla/pg19"),
+                   "data.sources.0: kind = 'passkey' hides its needles in the text of at most "
+                   "one of name (a hub dataset) or files (local data)"),
     "curriculum gap": (lambda r: r["data"]["sources"][0].update(from_step=10),
                        "data.sources: no source is active at step 0"),
     "empty step range": (lambda r: r["data"]["sources"][0].update(from_step=5, until_step=5),
