@@ -115,6 +115,17 @@ def test_bad_inputs_give_one_clear_error_line(workdir, args, expected):
     assert "Traceback" not in stdout + stderr
 
 
+def test_a_haystack_without_text_is_refused_in_one_line(workdir):
+    """A haystack whose rows are all empty cannot hide a needle: one error line after the
+    dataset's own progress, no traceback."""
+    blank = workdir / "blank.jsonl"
+    blank.write_text('{"text": ""}\n')
+    code, stdout, stderr = cli("eval", "passkey", "--model", workdir / "run", "--haystack", blank)
+    assert code == 2 and "Traceback" not in stdout + stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [f"Error: --haystack {blank}: holds no text to hide passkeys in"]
+
+
 # ---------------------------------------------------------------------------------------------
 # passkey
 

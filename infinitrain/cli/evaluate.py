@@ -163,8 +163,8 @@ def passkey(
     compile: CompileOption = False,
 ) -> None:
     """Passkey retrieval (Landmark format, greedy) per length × depth, with bounded memory."""
-    from ..data.passkey import FILLER, PasskeyGenerator, haystack_tokens
-    from ..data.sources import source_for, text_source
+    from ..data.passkey import FILLER, PasskeyGenerator, load_haystack
+    from ..data.sources import source_for
     from ..evaluation.options import format_tokens, parse_depths, parse_lengths
     from ..evaluation.passkey import PasskeySettings, evaluate_passkey, length_offsets
     from ..evaluation.plots import curves, heatmap
@@ -183,10 +183,7 @@ def passkey(
     haystack_ids = None
     if haystack is not None:
         with reported("--haystack"):
-            source = text_source(source_for(haystack, split="test"), tokenizer)
-            haystack_ids = haystack_tokens((document.ids for document in source), tokenizer)
-            if len(haystack_ids) == 0:
-                raise UsageError(f"--haystack {haystack}: holds no text")
+            haystack_ids = load_haystack(source_for(haystack, split="test"), tokenizer)
     with reported("--lengths"):  # the shortest must hold the task, needle and question
         PasskeyGenerator(tokenizer).check_length(settings.lengths[0])
     added = length_offsets(settings, loaded.model.config.segment_len)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .documents import Document
-from .sources import DataSourceError, DocumentSource, Skipped
+from .sources import DataSourceError, DocumentSource, Skipped, SourceConfig, text_source
 from .tokenizer import Tokenizer
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -177,6 +177,20 @@ def haystack_tokens(documents: Iterable[Tensor], tokenizer: Tokenizer,
         if total >= max_tokens:
             break
     return torch.cat(pieces)[:max_tokens] if pieces else torch.empty(0, dtype=torch.long)
+
+
+def load_haystack(config: SourceConfig, tokenizer: Tokenizer) -> Tensor:
+    """:func:`haystack_tokens` of the dataset or files ``config`` names, read as plain text less
+    what it excludes: the text a passkey source trains on, or ``eval passkey --haystack``'s.
+    DataSourceError when it holds no text."""
+    text = text_source(SourceConfig(
+        name=config.name, config=config.config, split=config.split, files=config.files,
+        text_field=config.text_field, streaming=config.streaming, exclude=config.exclude,
+        min_tokens=config.min_tokens), tokenizer)
+    haystack = haystack_tokens((document.ids for document in text), tokenizer)
+    if len(haystack) == 0:
+        raise DataSourceError(f"{config.text_label}: holds no text to hide passkeys in")
+    return haystack
 
 
 class PasskeySource(DocumentSource):
