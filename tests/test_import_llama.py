@@ -4,6 +4,7 @@ from, and checkpoints we cannot convert faithfully are refused in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -111,6 +112,49 @@ def test_a_recipe_can_start_from_the_import(llama, tmp_path):
         assert torch.equal(model(ids)[0], load_model_dir(init)(ids)[0])
 
 
+IMPORT_FOR = {"1b": (), "passkey-5k": (), "8b": ("--rule", "delta"),
+              "booksum-500k": ("--rule", "delta")}
+"""The `import hf` options each large recipe's pipeline starts from (the 1b and 8b recipes'
+comments): the default import for the passkey pipeline, the paper's memory for the books one."""
+
+
+@pytest.fixture(scope="module")
+def imports(llama, tmp_path_factory) -> dict[tuple[str, ...], Path]:
+    out = {}
+    for options in set(IMPORT_FOR.values()):
+        out[options] = tmp_path_factory.mktemp("import") / "out"
+        assert import_hf(llama[0], out[options], "--segment-len", SEGMENT, *options).exit_code == 0
+    return out
+
+
+def test_the_default_import_writes_through_a_fully_open_write_gate(imports):
+    model = load_model_dir(imports[()])
+    assert (model.config.memory_rule, model.config.write_gate_activation) == ("deltanet", "clamp")
+    for layer in model.layers:
+        assert torch.equal(layer.attn.write_bias, torch.ones(2))
+        assert not layer.attn.write_weight.any()
+    assert not load_model_dir(imports[("--rule", "delta")]).config.memory_write_gate
+
+
+@pytest.mark.parametrize("name", list(IMPORT_FOR))
+def test_the_large_recipes_continue_from_their_import(imports, name):
+    """A large recipe's model.init accepts the import its pipeline starts from and computes what
+    it computes: here a tiny Llama's import, with the recipe's memory settings."""
+    from infinitrain.recipe import load_recipe
+    from infinitrain.training.weights import check_init, load_initial_weights
+
+    directory = imports[IMPORT_FOR[name]]
+    model = load_model_dir(directory)
+    recipe = load_recipe(name)[1].model_config
+    config = dataclasses.replace(model.config, **{field: getattr(recipe, field) for field in (
+        "memory_rule", "memory_from_layer", "memory_write_gate", "write_gate_activation")})
+    continued = InfiniTransformer(config)
+    load_initial_weights(continued, check_init(directory, config), is_global_zero=True)
+    ids = torch.randint(0, 4096, (1, 3 * SEGMENT))
+    with torch.no_grad():
+        assert torch.equal(continued(ids)[0], model(ids)[0])
+
+
 def edited_copy(source: Path, target: Path, **changes) -> Path:
     shutil.copytree(source, target)
     config = json.loads((target / "config.json").read_text())
@@ -172,5 +216,7 @@ def test_malformed_inputs_fail_in_one_line(llama, tmp_path):
     deeper = edited_copy(directory, tmp_path / "deeper", num_hidden_layers=3)
     one_line_error(import_hf(deeper, tmp_path / "o6"), "weight(s) missing")
     one_line_error(import_hf(directory, tmp_path / "o7", "--rule", "hebbian"), "memory_rule")
-    for out in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"):
+    one_line_error(import_hf(directory, tmp_path / "o8", "--rule", "delta", "--write-gate"),
+                   "needs a memory rule that takes a write strength")
+    for out in ("o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8"):
         assert not (tmp_path / out).exists()

@@ -14,6 +14,12 @@ from rich.console import Console
 from rich.table import Table
 
 from ..evaluation.options import human_bytes
+from ..export.llama import (
+    DEFAULT_GATE_INIT,
+    DEFAULT_MEMORY_RULE,
+    import_llama,
+    recipe_model_section,
+)
 from ..model.config import ModelConfig
 from ..model.memory import RULES
 from .output import reported
@@ -95,11 +101,15 @@ def import_hf(
         show_default=False)],
     segment_len: Annotated[int, typer.Option(min=1, help="N: tokens per segment.")]
         = ModelConfig.segment_len,
-    rule: Annotated[str, typer.Option(help=f"Memory rule: {', '.join(RULES)}.")]
-        = ModelConfig.memory_rule,
+    rule: Annotated[str, typer.Option(help=f"Memory rule: {', '.join(RULES)}; the default is "
+                                           "the 1b/8b recipes'.")] = DEFAULT_MEMORY_RULE,
+    write_gate: Annotated[bool | None, typer.Option(
+        "--write-gate/--no-write-gate", help="A learned write gate, clamped, starting fully open "
+        "(the 1b/8b recipes'); default: on for rules that take a write strength.",
+        show_default=False)] = None,
     gate_init: Annotated[float, typer.Option(
         help="Initial β of every head: sigmoid(-6) ≈ 0.0025 keeps the Llama's local attention "
-             "while the gate can still learn.")] = -6.0,
+             "while the gate can still learn.")] = DEFAULT_GATE_INIT,
     allow_rope_scaling_drop: Annotated[bool, typer.Option(
         "--allow-rope-scaling-drop", help="Import a checkpoint whose RoPE scaling infinitrain "
         "does not implement (anything but Llama-3's 'llama3') using unscaled frequencies.")]
@@ -108,18 +118,16 @@ def import_hf(
     """Convert a Llama checkpoint into an Infini-Transformer for continual pretraining."""
     import yaml
 
-    from ..export import import_llama
-    from ..export.llama import recipe_model_section
-
     with reported(), stdout.status(f"importing {llama_dir}"):
         result = import_llama(llama_dir, out_ckpt, segment_len=segment_len, memory_rule=rule,
-                              gate_init=gate_init,
+                              write_gate=write_gate, gate_init=gate_init,
                               allow_rope_scaling_drop=allow_rope_scaling_drop)
     config = result.config
     stdout.print(f"[bold]{result.path}[/]: {config.n_layers} layers, d {config.d_model}, "
                  f"{config.n_heads} query / {config.n_kv_heads} key-value heads × "
                  f"{config.head_dim}, vocabulary {config.vocab_size}, segment "
-                 f"{config.segment_len}, {config.memory_rule} memory, gates at "
+                 f"{config.segment_len}, {config.memory_rule} memory"
+                 f"{' with a write gate' if config.memory_write_gate else ''}, gates at "
                  f"sigmoid({config.gate_init:g})",
                  highlight=False)
     for note in result.notes:

@@ -10,6 +10,12 @@ Gates start at ``gate_init`` = −6 by default: sigmoid(−6) ≈ 0.0025, so eve
 ``use_memory=False``, within one segment, it computes exactly the Llama's logits). The gate's
 gradient σ'(β) ≈ 0.0025 is small but alive, where β ≤ −10 would never move (docs/design.md §2); the
 training recipe gives β its own, larger learning rate.
+
+The memory is by default the one the 1b/8b recipes train (:data:`DEFAULT_MEMORY_RULE` with
+:data:`WRITE_GATE`): the ``deltanet`` rule with a clamped write gate that starts fully open, the
+only configuration of the tiny passkey study that kept retrieving far beyond its training length
+(docs/memory-length.md). Its write gate is new weights too, initialised so that every token
+writes at full strength.
 """
 
 from __future__ import annotations
@@ -26,10 +32,16 @@ from torch import Tensor
 from ..data.tokenizer import TOKENIZER_FILE
 from ..layout import TOKENIZER_DIR
 from ..model import PRESETS, ConfigError, InfiniTransformer, ModelConfig
+from ..model.memory import RULES
 from ..model_dir import save_model_dir
 from .files import check_new_dir, checked_tokenizer, copy_tokenizer_files
 
 DEFAULT_GATE_INIT = -6.0
+DEFAULT_MEMORY_RULE = "deltanet"
+WRITE_GATE = {"memory_write_gate": True, "write_gate_activation": "clamp", "write_gate_init": 1.0}
+"""The write gate an import gets when its memory rule takes a write strength: clamp(k·w + b, 0, 1)
+with w = 0 and b = 1, every token writing fully until training (and the recipe's write penalty)
+closes it where the loss does not need the write."""
 WEIGHT_NAMES = [(re.compile(pattern), replacement) for pattern, replacement in (
     (r"model\.embed_tokens\.weight", "embed_tokens.weight"),
     (r"model\.norm\.weight", "norm.weight"),
@@ -58,16 +70,18 @@ class LlamaImport:
 
 def import_llama(llama_dir: str | Path, out_dir: str | Path, *,
                  segment_len: int = ModelConfig.segment_len,
-                 memory_rule: str = ModelConfig.memory_rule, gate_init: float = DEFAULT_GATE_INIT,
+                 memory_rule: str = DEFAULT_MEMORY_RULE, write_gate: bool | None = None,
+                 gate_init: float = DEFAULT_GATE_INIT,
                  allow_rope_scaling_drop: bool = False) -> LlamaImport:
     """Convert ``llama_dir`` into the model directory ``out_dir``.
 
-    Everything is checked before anything is written.
+    ``write_gate``: give the memory :data:`WRITE_GATE`; None gives it to rules that take a write
+    strength. Everything is checked before anything is written.
     """
     llama_dir, out = Path(llama_dir), Path(out_dir)
     hf_config = read_llama_config(llama_dir)
     config, notes = infini_config(hf_config, segment_len=segment_len, memory_rule=memory_rule,
-                                  gate_init=gate_init,
+                                  write_gate=write_gate, gate_init=gate_init,
                                   allow_rope_scaling_drop=allow_rope_scaling_drop)
     if not (llama_dir / TOKENIZER_FILE).is_file():
         raise LlamaImportError(f"{llama_dir}: no {TOKENIZER_FILE}; infinitrain needs a fast "
@@ -81,8 +95,13 @@ def import_llama(llama_dir: str | Path, out_dir: str | Path, *,
     if config.tie_embeddings:
         # one tensor for both (a copy some tied checkpoints store is dropped)
         weights["lm_head.weight"] = weights.get("embed_tokens.weight")
-    for layer in range(config.n_layers):
+    for layer in range(config.memory_from_layer, config.n_layers):
         weights[f"layers.{layer}.attn.gate"] = torch.full((config.n_heads,), config.gate_init)
+        if config.memory_write_gate:
+            weights[f"layers.{layer}.attn.write_weight"] = torch.zeros(config.n_kv_heads,
+                                                                       config.head_dim)
+            weights[f"layers.{layer}.attn.write_bias"] = torch.full((config.n_kv_heads,),
+                                                                    config.write_gate_init)
     missing = [name for name in model.state_dict() if weights.get(name) is None]
     if missing:
         raise LlamaImportError(f"{llama_dir}: {len(missing)} weight(s) missing, e.g. the one "
@@ -133,9 +152,13 @@ def read_llama_config(llama_dir: Path) -> dict:
     return hf_config
 
 
-def infini_config(hf_config: dict, *, segment_len: int, memory_rule: str, gate_init: float,
+def infini_config(hf_config: dict, *, segment_len: int, memory_rule: str,
+                  write_gate: bool | None, gate_init: float,
                   allow_rope_scaling_drop: bool) -> tuple[ModelConfig, list[str]]:
     """The ModelConfig of an Infini-Transformer with a Llama's shape, and conversion notes."""
+    if write_gate is None:
+        rule = RULES.get(memory_rule)
+        write_gate = rule is not None and rule.takes_write_strength
     rope = hf_config.get("rope_parameters") or {}  # transformers 5 layout
     scaling = hf_config.get("rope_scaling") or rope  # transformers 4 layout
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -172,6 +195,7 @@ def infini_config(hf_config: dict, *, segment_len: int, memory_rule: str, gate_i
             head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
             segment_len=segment_len,
             memory_rule=memory_rule,
+            **(WRITE_GATE if write_gate else {}),
             gate_init=float(gate_init),
             rope_theta=float(hf_config.get("rope_theta", rope.get("rope_theta", 10_000.0))),
             norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
