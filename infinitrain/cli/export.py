@@ -102,10 +102,11 @@ def import_hf(
     segment_len: Annotated[int, typer.Option(min=1, help="N: tokens per segment.")]
         = ModelConfig.segment_len,
     rule: Annotated[str, typer.Option(help=f"Memory rule: {', '.join(RULES)}; the default is "
-                                           "the 1b/8b recipes'.")] = DEFAULT_MEMORY_RULE,
+                                           "the 1b recipe's, delta the 8b's.")]
+        = DEFAULT_MEMORY_RULE,
     write_gate: Annotated[bool | None, typer.Option(
         "--write-gate/--no-write-gate", help="A learned write gate, clamped, starting fully open "
-        "(the 1b/8b recipes'); default: on for rules that take a write strength.",
+        "(the 1b recipe's); default: on for rules that take a write strength.",
         show_default=False)] = None,
     gate_init: Annotated[float, typer.Option(
         help="Initial β of every head: sigmoid(-6) ≈ 0.0025 keeps the Llama's local attention "

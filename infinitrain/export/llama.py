@@ -11,11 +11,11 @@ Gates start at ``gate_init`` = −6 by default: sigmoid(−6) ≈ 0.0025, so eve
 gradient σ'(β) ≈ 0.0025 is small but alive, where β ≤ −10 would never move (docs/design.md §2); the
 training recipe gives β its own, larger learning rate.
 
-The memory is by default the one the 1b/8b recipes train (:data:`DEFAULT_MEMORY_RULE` with
+The memory is by default the one the 1b recipe trains (:data:`DEFAULT_MEMORY_RULE` with
 :data:`WRITE_GATE`): the ``deltanet`` rule with a clamped write gate that starts fully open, the
 only configuration of the tiny passkey study that kept retrieving far beyond its training length
 (docs/memory-length.md). Its write gate is new weights too, initialised so that every token
-writes at full strength.
+writes at full strength. The 8b recipe trains the paper's ``delta``: ``memory_rule="delta"``.
 """
 
 from __future__ import annotations
