@@ -6,6 +6,7 @@ drift, not the needle's loss, break passkey retrieval at length? Three checks on
         --freeze 256:3700 --layers 0
     python experiments/memory_drift.py keys MODEL
     python experiments/memory_drift.py writes MODEL --length 1000 --depth 0.5
+    python experiments/memory_drift.py embeddings MODEL --haystack data/pg19-sample
 
 ``freeze`` streams Landmark passkey prompts segment by segment and, between the two token counts
 of ``--freeze``, puts the memory of ``--layers`` back to its state at the first count after every
@@ -15,6 +16,10 @@ writes and the singular values of their feature matrix (the conditioning of what
 ``writes`` prints, for a model with a write gate, how strongly the filler, the needle and the rest
 of one prompt write into each layer's memory (docs/memory-length.md,
 "The write gate: length stops mattering").
+``embeddings`` prints how alike the input embeddings are of the haystack's most frequent tokens
+that no passkey prompt in the filler contains, against those of the filler's own tokens (mean
+pairwise cosine): what a model trained on the filler alone reads a book as (docs/memory-length.md,
+"Prose in stage 2").
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import argparse
 
 import torch
 
-from infinitrain.data.passkey import PasskeyGenerator
+from infinitrain.data.passkey import PasskeyGenerator, load_haystack
+from infinitrain.data.sources import source_for
 from infinitrain.data.tokenizer import load_tokenizer
 from infinitrain.evaluation.passkey import first_integer
 from infinitrain.inference.loading import load_model
@@ -114,15 +120,33 @@ def write_strengths(model, tokenizer, length: int, depth: float) -> None:
                 for name, mask in parts.items()))
 
 
+def embedding_similarity(model, tokenizer, haystack: str, tokens: int = 300) -> None:
+    """Mean pairwise cosine of the input embeddings of the ``tokens`` most frequent tokens in the
+    first 20,000 of ``haystack`` that a filler prompt lacks, and of the filler prompt's tokens."""
+    filler = set(PasskeyGenerator(tokenizer).sample(4000, 0.5, seed=1000).prompt_ids.tolist())
+    text = load_haystack(source_for(haystack, split="test"), tokenizer)[:20_000]
+    counts = torch.bincount(text, minlength=model.config.vocab_size)
+    unseen = [t for t in counts.argsort(descending=True).tolist()
+              if t not in filler and counts[t] > 0][:tokens]
+    weight = torch.nn.functional.normalize(model.embed_tokens.weight, dim=1)
+    for name, ids in ((f"{len(unseen)} haystack tokens the filler lacks", unseen),
+                      (f"{len(filler)} filler-prompt tokens", sorted(filler))):
+        rows = weight[ids]
+        cosine = (rows @ rows.T).sum().sub(len(ids)) / (len(ids) * (len(ids) - 1))
+        print(f"{name}: mean pairwise cosine {cosine:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["freeze", "keys", "writes"])
+    parser.add_argument("check", choices=["freeze", "keys", "writes", "embeddings"])
     parser.add_argument("model")
     parser.add_argument("--length", type=int, default=4000)
     parser.add_argument("--depth", type=float, default=0.97)
     parser.add_argument("--freeze", default="0:0", help="FROM:TO tokens; 0:0 freezes nothing")
     parser.add_argument("--layers", default="0", help="comma-separated layer indices")
     parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--haystack", default="data/pg19-sample",
+                        help="embeddings: the text whose tokens to compare (as eval passkey's)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     loaded = load_model(args.model, "cpu")
@@ -132,6 +156,9 @@ def main() -> None:
         return
     if args.check == "writes":
         write_strengths(model, tokenizer, args.length, args.depth)
+        return
+    if args.check == "embeddings":
+        embedding_similarity(model, tokenizer, args.haystack)
         return
     start, stop = (int(x) for x in args.freeze.split(":"))
     layers = [int(x) for x in args.layers.split(",")]

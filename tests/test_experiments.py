@@ -47,3 +47,28 @@ def test_freeze_scores_prompts_with_a_frozen_layer(gated_run):
     out = drift("freeze", gated_run, "--length", "200", "--depth", "0.5", "--freeze", "64:128",
                 "--layers", "0", "--samples", "2")
     assert "200 tokens, depth 0.5, layers [0] frozen over [64, 128)" in out
+
+
+def test_embeddings_compares_the_haystack_tokens_the_filler_lacks_with_the_filler_s(gated_run):
+    lines = drift("embeddings", gated_run, "--haystack", "data/pg19-sample").splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "300 haystack tokens the filler lacks", f"{lines[1].split()[0]} filler-prompt tokens"]
+    assert all(-1 <= float(line.rsplit(" ", 1)[1]) <= 1 for line in lines)
+
+
+def test_the_prose_stage_2_is_the_shipped_stage_2_with_each_source_repeated_in_held_out_prose():
+    """The experiment's recipe stays the shipped stage 2 plus memory from layer 1 and prose
+    copies of its sources, so the report's lead keeps measuring what the recipe trains."""
+    from dataclasses import replace
+
+    from infinitrain.recipe import load_recipe
+
+    _, shipped = load_recipe("passkey-tiny-overlap")
+    _, prose = load_recipe(str(REPO / "experiments" / "passkey-tiny-overlap-prose.yaml"))
+    assert prose.model_config == replace(shipped.model_config, memory_from_layer=1)
+    assert (prose.optim, prose.train) == (shipped.optim, shipped.train)
+    filler, in_books = prose.data.sources[:4], prose.data.sources[4:]
+    assert filler == shipped.data.sources
+    assert in_books == [replace(source, files=["data/books/austen.jsonl.gz"],
+                                exclude={"title": ["Northanger Abbey", "Persuasion"]})
+                        for source in shipped.data.sources]
