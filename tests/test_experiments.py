@@ -56,6 +56,32 @@ def test_embeddings_compares_the_haystack_tokens_the_filler_lacks_with_the_fille
     assert all(-1 <= float(line.rsplit(" ", 1)[1]) <= 1 for line in lines)
 
 
+def _in_held_out_prose(sources: list) -> list:
+    """The sources repeated in Austen's novels, the two in data/pg19-sample held out."""
+    from dataclasses import replace
+
+    return [replace(source, files=["data/books/austen.jsonl.gz"],
+                    exclude={"title": ["Northanger Abbey", "Persuasion"]}) for source in sources]
+
+
+def test_the_prose_stage_1_is_the_shipped_stage_1_with_its_late_sources_repeated_in_prose():
+    """The experiment's stage 1 stays the shipped stage 1 plus memory from layer 1 and, from step
+    1500, prose copies of its late sources: only the prose differs from the shipped recipe."""
+    from dataclasses import replace
+
+    from infinitrain.recipe import load_recipe
+
+    _, shipped = load_recipe("passkey-tiny")
+    _, prose = load_recipe(str(REPO / "experiments" / "passkey-tiny-prose.yaml"))
+    assert prose.model_config == replace(shipped.model_config, memory_from_layer=1)
+    assert (prose.optim, prose.train) == (shipped.optim, shipped.train)
+    n_shipped = len(shipped.data.sources)
+    assert prose.data.sources[:n_shipped] == shipped.data.sources
+    late = [source for source in shipped.data.sources if source.from_step == 1500]
+    assert len(late) == 4
+    assert prose.data.sources[n_shipped:] == _in_held_out_prose(late)
+
+
 def test_the_prose_stage_2_is_the_shipped_stage_2_with_each_source_repeated_in_held_out_prose():
     """The experiment's recipe stays the shipped stage 2 plus memory from layer 1 and prose
     copies of its sources, so the report's lead keeps measuring what the recipe trains."""
@@ -69,6 +95,4 @@ def test_the_prose_stage_2_is_the_shipped_stage_2_with_each_source_repeated_in_h
     assert (prose.optim, prose.train) == (shipped.optim, shipped.train)
     filler, in_books = prose.data.sources[:4], prose.data.sources[4:]
     assert filler == shipped.data.sources
-    assert in_books == [replace(source, files=["data/books/austen.jsonl.gz"],
-                                exclude={"title": ["Northanger Abbey", "Persuasion"]})
-                        for source in shipped.data.sources]
+    assert in_books == _in_held_out_prose(shipped.data.sources)
