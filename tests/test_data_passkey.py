@@ -185,3 +185,50 @@ def test_haystack_tokens_join_documents_without_their_special_tokens(data_tokeni
     ids = haystack_tokens(documents, tok)
     assert tok.decode(ids) == "It is a truth.\n\nUniversally acknowledged.\n\n"
     assert len(haystack_tokens(documents, tok, max_tokens=3)) == 3
+
+
+def integers(text: str) -> list[int]:
+    import re
+
+    return [int(number) for number in re.findall(r"\d+", text)]
+
+
+@pytest.mark.parametrize("haystack", [False, True])
+def test_distractor_numbers_other_than_the_key_sit_around_the_needle(data_tokenizer, haystack):
+    """Landmark's filler and the digit-free text stand for a book: every number in a prompt but
+    the needle's two copies of the key is a distractor, and the prompt keeps its exact length."""
+    tok = data_tokenizer
+    book = torch.tensor(tok.encode("It is a truth universally acknowledged. " * 40))
+    generator = PasskeyGenerator(tok, 1, 99_999, haystack=book if haystack else None,
+                                 distractors=5)
+    sides = set()
+    for seed in range(12):
+        sample = generator.sample(700, seed / 11, seed)
+        prompt = sample.prompt_ids
+        assert len(prompt) == 700
+        assert occurrences(prompt, tok.encode(NEEDLE.format(key=sample.key))) == [
+            sample.needle_offset]
+        before = integers(tok.decode(prompt[:sample.needle_offset]))
+        after = integers(tok.decode(prompt[sample.needle_offset + sample.needle_len:]))
+        distractors = before + after
+        assert len(distractors) == 5 and sample.key not in distractors
+        assert all(1 <= number <= 99_999 for number in distractors)
+        sides |= {"before"} if before else set()
+        sides |= {"after"} if after else set()
+        _, pieces = generator.stream(700, seed / 11, seed, chunk_tokens=64)
+        assert torch.equal(torch.cat(list(pieces)), prompt)
+    assert sides == {"before", "after"}
+    plain = PasskeyGenerator(tok, 1, 99_999).sample(700, 0.5, seed=3)
+    assert len(integers(tok.decode(plain.prompt_ids))) == 2  # the needle's key, twice
+
+
+def test_a_passkey_source_passes_its_distractors_on_and_refuses_impossible_ones(data_tokenizer):
+    config = SourceConfig(kind="passkey", passkey_length=400, key_min=10, key_max=20,
+                          distractors=3)
+    document = next(build_source(config, data_tokenizer).epoch(0, 1, 0, seed=0))
+    prompt = data_tokenizer.decode(document.ids[~document.target])
+    assert len(integers(prompt)) == 2 + 3
+    with pytest.raises(ValueError, match="distractors = 3: need >= 0, and key_max > key_min"):
+        SourceConfig(kind="passkey", key_min=7, key_max=7, distractors=3)
+    with pytest.raises(ValueError, match="distractors = 2: only used by kind = 'passkey'"):
+        SourceConfig(kind="text", files=["a.txt"], distractors=2)

@@ -18,7 +18,7 @@ def build_source(config: SourceConfig, tokenizer: Tokenizer) -> DocumentSource:
         if config.name or config.files:
             haystack = load_haystack(config, tokenizer)
         generator = PasskeyGenerator(tokenizer, config.key_min, config.key_max,
-                                     haystack=haystack)
+                                     haystack=haystack, distractors=config.distractors)
         lengths = (config.passkey_length_min or config.passkey_length, config.passkey_length)
         return PasskeySource(generator, lengths, config.depth_min, config.depth_max,
                              config.label, config.weight, config.supervise_key_copy)

@@ -68,12 +68,19 @@ class PasskeyGenerator:
     """Passkey samples of a given length and depth, deterministic by seed, for one tokenizer."""
 
     def __init__(self, tokenizer: Tokenizer, key_min: int = 1, key_max: int = 50_000,
-                 filler: str = FILLER, haystack: Tensor | None = None) -> None:
+                 filler: str = FILLER, haystack: Tensor | None = None,
+                 distractors: int = 0) -> None:
         """``filler``: the sentences repeated around the needle (Landmark's by default);
         ``haystack``: token ids of real text to use instead, read from a random place for each
-        prompt and continued after the needle, endlessly repeated (:func:`haystack_tokens`)."""
+        prompt and continued after the needle, endlessly repeated (:func:`haystack_tokens`);
+        ``distractors``: numbers other than the key, drawn from the same range, each put as
+        ' {number}' at a random place of the filler before or after the needle."""
+        if distractors < 0 or (distractors and key_max <= key_min):
+            raise ValueError(f"distractors = {distractors}: need ≥ 0, and key_max > key_min "
+                             "for a number other than the key")
         self.tokenizer = tokenizer
         self.key_min, self.key_max = key_min, key_max
+        self.distractors = distractors
         encode = tokenizer.encode
         self.head = encode(TASK, bos=True)
         self.newline = encode("\n")
@@ -142,7 +149,9 @@ class PasskeyGenerator:
         key = int(rng.integers(self.key_min, self.key_max + 1))
         pieces = [self.tokenizer.encode(piece.format(key=key)) for piece in NEEDLE_PIECES]
         needle = [token for piece in pieces for token in piece]
-        budget = length - self.frame_tokens - len(needle)
+        numbers = self._distractor_numbers(rng, key)
+        distractors = [self.tokenizer.encode(f" {number}") for number in numbers]
+        budget = length - self.frame_tokens - len(needle) - sum(map(len, distractors))
         if budget < 0:
             raise ValueError(f"passkey length = {length} tokens: too short, the prompt without "
                              f"filler takes {length - budget} tokens")
@@ -153,14 +162,44 @@ class PasskeyGenerator:
         else:
             start = int(rng.integers(len(self.haystack)))
             text_before, text_after = (start, before), (start + before, budget - before)
-        parts = [self.head, nl, text_before, nl, needle, nl, text_after, nl, self.question]
-        needle_offset = len(self.head) + 2 * len(nl) + before
+        places = np.sort(rng.integers(budget + 1, size=len(distractors)))
+        parts = [self.head, nl, *_scatter(text_before, 0, places, distractors, last=False),
+                 nl, needle, nl,
+                 *_scatter(text_after, before, places, distractors, last=True), nl,
+                 self.question]
+        needle_offset = len(self.head) + 2 * len(nl) + before + sum(
+            len(tokens) for place, tokens in zip(places, distractors, strict=True)
+            if place < before)
         copy_start = needle_offset + len(pieces[0])
         return [p if isinstance(p, tuple) else torch.as_tensor(p, dtype=torch.long)
                 for p in parts], dict(
             answer_ids=self.tokenizer.encode(f" {key}"), key=key, depth=depth,
             needle_offset=needle_offset, needle_len=len(needle),
             key_copy=(copy_start, copy_start + len(pieces[1])))
+
+    def _distractor_numbers(self, rng: np.random.Generator, key: int) -> list[int]:
+        """``distractors`` numbers uniform over the key range less the key (none drawn, and so
+        no change to the prompts of a seed, without distractors)."""
+        if not self.distractors:
+            return []
+        numbers = rng.integers(self.key_min, self.key_max, size=self.distractors)
+        return [int(n) + (n >= key) for n in numbers]
+
+
+def _scatter(text: tuple[int, int], first: int, places: np.ndarray, inserts: list[list[int]],
+             last: bool) -> list[tuple[int, int] | list[int]]:
+    """``text`` = (start, n), the filler's positions ``first`` to ``first + n``, cut before each
+    of the ``places`` (sorted filler positions) that fall in it, with that place's tokens between
+    the pieces; the ``last`` text also takes the places at its end."""
+    start, n = text
+    parts: list[tuple[int, int] | list[int]] = []
+    done = 0  # tokens of text already placed
+    for place, tokens in zip(places, inserts, strict=True):
+        cut = int(place) - first
+        if 0 <= cut < n or (last and cut == n):
+            parts += [(start + done, cut - done), tokens]
+            done = cut
+    return [*parts, (start + done, n - done)]
 
 
 def haystack_tokens(documents: Iterable[Tensor], tokenizer: Tokenizer,

@@ -97,6 +97,11 @@ class SourceConfig:
     """passkey only: also supervise the needle's second copy of the key ('The pass key is 71432.
     Remember it. 71432 is …'), a copy a few tokens back that teaches the copy the answer needs on
     every prompt, whatever the needle's depth."""
+    distractors: int = 0
+    """passkey only: numbers other than the key (drawn from key_min..key_max) put as ' 4821' at
+    random places around the needle, so that a write gate learns to keep the needle's number
+    rather than every number: a book's years, chapter and verse numbers are otherwise written
+    over the key (docs/memory-length.md, "Numbers in the haystack")."""
 
     RETIRED_FIELDS: ClassVar[dict[str, tuple[Any, str]]] = {
         "passkey_length_step": (1, "prompt lengths are drawn from every length in "
@@ -130,13 +135,16 @@ class SourceConfig:
             if not 0 <= self.key_min <= self.key_max:
                 raise DataSourceError(f"key_min = {self.key_min}, key_max = {self.key_max}: "
                                       "need 0 <= key_min <= key_max")
+            if self.distractors < 0 or (self.distractors and self.key_max == self.key_min):
+                raise DataSourceError(f"distractors = {self.distractors}: need >= 0, and "
+                                      "key_max > key_min for numbers other than the key")
         elif bool(self.name) == bool(self.files):
             raise DataSourceError(f"kind = {self.kind!r} needs exactly one of name (a hub dataset) "
                                   f"or files (local data); got name = {self.name!r}, "
                                   f"files = {self.files!r}")
         only = {"booksum": ("summary_field", "max_input_tokens", "truncate"),
                 "passkey": ("passkey_length", "passkey_length_min", "depth_min", "depth_max",
-                            "key_min", "key_max", "supervise_key_copy")}
+                            "key_min", "key_max", "supervise_key_copy", "distractors")}
         for kind, names in only.items():
             for name in names:
                 if self.kind != kind and getattr(self, name) != defaults[name].default:
