@@ -6,6 +6,8 @@ drift, not the needle's loss, break passkey retrieval at length? Three checks on
         --freeze 256:3700 --layers 0
     python experiments/memory_drift.py keys MODEL
     python experiments/memory_drift.py writes MODEL --length 1000 --depth 0.5
+    python experiments/memory_drift.py writes MODEL --length 4000 --depth 0 \
+        --haystack data/pg19-sample
     python experiments/memory_drift.py embeddings MODEL --haystack data/pg19-sample
 
 ``freeze`` streams Landmark passkey prompts segment by segment and, between the two token counts
@@ -15,7 +17,8 @@ segment, so those layers see no filler accumulate there; it prints exact-match a
 writes and the singular values of their feature matrix (the conditioning of what memory stores).
 ``writes`` prints, for a model with a write gate, how strongly the filler, the needle and the rest
 of one prompt write into each layer's memory (docs/memory-length.md,
-"The write gate: length stops mattering").
+"The write gate: length stops mattering"); with ``--haystack`` the needle hides in that text and
+the text's tokens that write are listed ("Numbers in the haystack").
 ``embeddings`` prints how alike the input embeddings are of the haystack's most frequent tokens
 that no passkey prompt in the filler contains, against those of the filler's own tokens (mean
 pairwise cosine): what a model trained on the filler alone reads a book as (docs/memory-length.md,
@@ -25,6 +28,7 @@ pairwise cosine): what a model trained on the filler alone reads a book as (docs
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 import torch
 
@@ -101,23 +105,42 @@ def key_conditioning(model, tokenizer) -> None:
                   f"{int((values < 0.05).sum())} below 0.05")
 
 
-def write_strengths(model, tokenizer, length: int, depth: float) -> None:
+def write_strengths(model, tokenizer, length: int, depth: float, haystack: str | None) -> None:
     """Mean write strength β and the share of tokens writing at all (β > 0), per layer with a
-    write gate, over the filler, the needle and the rest (task, question) of one prompt."""
-    sample = PasskeyGenerator(tokenizer).sample(length, depth, seed=1000)
+    write gate, over the filler, the needle and the rest (task, question) of one prompt. With
+    ``haystack`` the needle hides in that text, and the text's tokens that write are listed: a
+    book's own numbers, written over the key (docs/memory-length.md, "Numbers in the haystack")."""
+    text = None if haystack is None else load_haystack(source_for(haystack, split="test"),
+                                                       tokenizer)
+    generator = PasskeyGenerator(tokenizer, haystack=text)
+    sample = generator.sample(length, depth, seed=1000)
     needle = torch.zeros(length, dtype=torch.bool)
     needle[sample.needle_offset:sample.needle_offset + sample.needle_len] = True
-    filler = torch.isin(sample.prompt_ids, PasskeyGenerator(tokenizer).filler(100)) & ~needle
-    parts = {"filler": filler, "needle": needle, "task+question": ~filler & ~needle}
+    if text is None:
+        filler = torch.isin(sample.prompt_ids, generator.filler(100)) & ~needle
+    else:  # the positions between the task and the question, less the needle's line
+        newline = len(generator.newline)
+        filler = torch.zeros(length, dtype=torch.bool)
+        filler[len(generator.head) + newline:length - newline - len(generator.question)] = True
+        filler[sample.needle_offset - newline:
+               sample.needle_offset + sample.needle_len + newline] = False
+    name = "filler" if text is None else "text"
+    parts = {name: filler, "needle": needle, "task+question": ~filler & ~needle}
     for layer, k in sorted(raw_keys(model, sample.prompt_ids).items()):
+        if not model.layers[layer].attn.has_memory:
+            continue
         strength = model.layers[layer].attn.write_strength(k)
         if strength is None:
             continue
         for head in range(strength.shape[1]):
+            writing = Counter(tokenizer.decode([token]) for token in
+                              sample.prompt_ids[filler & (strength[:, head] > 0)].tolist())
             print(f"layer {layer} kv head {head}: " + ", ".join(
-                f"{name} β {strength[mask, head].mean():.4f} "
+                f"{part} β {strength[mask, head].mean():.4f} "
                 f"({(strength[mask, head] > 0).float().mean():.0%} writing)"
-                for name, mask in parts.items()))
+                for part, mask in parts.items()) + (
+                f"; {name} tokens writing: {dict(writing.most_common(8))}" if text is not None
+                else ""))
 
 
 def embedding_similarity(model, tokenizer, haystack: str, tokens: int = 300) -> None:
@@ -145,8 +168,9 @@ def main() -> None:
     parser.add_argument("--freeze", default="0:0", help="FROM:TO tokens; 0:0 freezes nothing")
     parser.add_argument("--layers", default="0", help="comma-separated layer indices")
     parser.add_argument("--samples", type=int, default=10)
-    parser.add_argument("--haystack", default="data/pg19-sample",
-                        help="embeddings: the text whose tokens to compare (as eval passkey's)")
+    parser.add_argument("--haystack", default=None,
+                        help="writes: hide the needle in this text; embeddings: the text whose "
+                             "tokens to compare (default data/pg19-sample); as eval passkey's")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     loaded = load_model(args.model, "cpu")
@@ -155,10 +179,10 @@ def main() -> None:
         key_conditioning(model, tokenizer)
         return
     if args.check == "writes":
-        write_strengths(model, tokenizer, args.length, args.depth)
+        write_strengths(model, tokenizer, args.length, args.depth, args.haystack)
         return
     if args.check == "embeddings":
-        embedding_similarity(model, tokenizer, args.haystack)
+        embedding_similarity(model, tokenizer, args.haystack or "data/pg19-sample")
         return
     start, stop = (int(x) for x in args.freeze.split(":"))
     layers = [int(x) for x in args.layers.split(",")]

@@ -37,8 +37,8 @@ def write_run(run: Path, tie: bool = True, vocab_size: int = 4096, segment_len: 
         for block in model.layers:
             if block.attn.has_memory:
                 block.attn.gate.normal_(0, 2)
-            if config.memory_write_gate:
-                block.attn.write_weight.normal_(0, 2)
+                if config.memory_write_gate:
+                    block.attn.write_weight.normal_(0, 2)
     step = save_model_dir(model, run / "step-00000010")
     load_tokenizer(REPO / "data" / "tokenizer").save(step / "tokenizer")
     (step / "recipe.yaml").write_text(TINY_RECIPE)

@@ -38,6 +38,23 @@ def test_writes_reports_every_part_of_a_prompt_per_layer_and_head(gated_run):
                for line in lines)
 
 
+def test_writes_in_a_haystack_lists_the_texts_writing_tokens_and_skips_layers_without_memory(
+        tmp_path):
+    """With memory from layer 1, layer 0 has no memory (and no write gate) to report."""
+    run = write_run(tmp_path / "run", n_layers=3, memory_from_layer=1, memory_rule="deltanet",
+                    memory_write_gate=True, write_gate_activation="clamp",
+                    write_gate_init=0.5).parent
+    book = tmp_path / "book.txt"
+    book.write_text("In 1811 the ship sailed with 42 men and came back in 1813. " * 20)
+    lines = drift("writes", run, "--length", "300", "--depth", "0.5", "--haystack",
+                  book).splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        f"layer {layer} kv head {head}" for layer in (1, 2) for head in (0, 1)]
+    assert all("text β" in line and "needle β" in line and "text tokens writing: {" in line
+               for line in lines)
+    assert any("'1'" in line or "'2'" in line or "' '" in line for line in lines)
+
+
 def test_keys_reports_the_conditioning_of_what_the_filler_writes(gated_run):
     lines = drift("keys", gated_run).splitlines()
     assert len(lines) == 2 * 2 and all("distinct keys" in line for line in lines)
@@ -96,3 +113,18 @@ def test_the_prose_stage_2_is_the_shipped_stage_2_with_each_source_repeated_in_h
     filler, in_books = prose.data.sources[:4], prose.data.sources[4:]
     assert filler == shipped.data.sources
     assert in_books == _in_held_out_prose(shipped.data.sources)
+
+
+def test_without_digits_copies_a_haystack_less_its_digits(tmp_path):
+    import json
+
+    book = tmp_path / "book.txt"
+    book.write_text("Chapter 7. In 1811 the ship sailed.")
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / "without_digits.py"),
+                             str(book), str(out)], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"text": "Chapter . In  the ship sailed."}]
+    assert "5 digits removed" in result.stdout
