@@ -99,9 +99,10 @@ class SourceConfig:
     every prompt, whatever the needle's depth."""
     distractors: int = 0
     """passkey only: numbers other than the key (drawn from key_min..key_max) put as ' 4821' at
-    random places around the needle, so that a write gate learns to keep the needle's number
-    rather than every number: a book's years, chapter and verse numbers are otherwise written
-    over the key (docs/memory-length.md, "Numbers in the haystack")."""
+    random places of the filler or text around the needle: prompts in which writing every number
+    buries the key, as a book's own numbers do to a model whose write gate keys on digits. Three
+    per prompt in the tiny passkey stage 2 made models worse, not better (docs/memory-length.md,
+    "Numbers in the haystack")."""
 
     RETIRED_FIELDS: ClassVar[dict[str, tuple[Any, str]]] = {
         "passkey_length_step": (1, "prompt lengths are drawn from every length in "
