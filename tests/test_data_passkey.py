@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -188,8 +189,6 @@ def test_haystack_tokens_join_documents_without_their_special_tokens(data_tokeni
 
 
 def integers(text: str) -> list[int]:
-    import re
-
     return [int(number) for number in re.findall(r"\d+", text)]
 
 

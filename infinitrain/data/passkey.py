@@ -74,10 +74,8 @@ class PasskeyGenerator:
         ``haystack``: token ids of real text to use instead, read from a random place for each
         prompt and continued after the needle, endlessly repeated (:func:`haystack_tokens`);
         ``distractors``: numbers other than the key, drawn from the same range, each put as
-        ' {number}' at a random place of the filler before or after the needle."""
-        if distractors < 0 or (distractors and key_max <= key_min):
-            raise ValueError(f"distractors = {distractors}: need ≥ 0, and key_max > key_min "
-                             "for a number other than the key")
+        ' {number}' at a random place of the filler before or after the needle (the range must
+        hold more than one number; SourceConfig checks a recipe's)."""
         self.tokenizer = tokenizer
         self.key_min, self.key_max = key_min, key_max
         self.distractors = distractors
