@@ -128,3 +128,23 @@ def test_without_digits_copies_a_haystack_less_its_digits(tmp_path):
     assert [json.loads(line) for line in out.read_text().splitlines()] == [
         {"text": "Chapter . In  the ship sailed."}]
     assert "5 digits removed" in result.stdout
+
+
+def test_the_numbers_stage_2_is_the_prose_stage_2_with_numbers_in_prose_and_4_digit_keys():
+    """The experiment's recipe stays the prose stage 2 plus one distractor in each prose source,
+    a filler and a prose source of 4-digit keys, and the write gate training from step 0."""
+    from dataclasses import replace
+
+    from infinitrain.recipe import load_recipe
+
+    _, prose = load_recipe(str(REPO / "experiments" / "passkey-tiny-overlap-prose.yaml"))
+    _, numbers = load_recipe(str(REPO / "experiments" / "passkey-tiny-overlap-numbers.yaml"))
+    assert numbers.model_config == prose.model_config
+    assert numbers.train == prose.train
+    assert numbers.optim == replace(prose.optim, write_gate_below_loss=0.0)
+    filler, in_books = prose.data.sources[:4], prose.data.sources[4:]
+    assert numbers.data.sources[:4] == filler
+    assert numbers.data.sources[4:8] == [replace(s, distractors=1) for s in in_books]
+    four_digits = replace(filler[0], key_min=1000, key_max=9999, weight=0.2)
+    assert numbers.data.sources[8:] == [
+        four_digits, replace(_in_held_out_prose([four_digits])[0], distractors=1)]
