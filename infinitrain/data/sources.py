@@ -101,8 +101,9 @@ class SourceConfig:
     """passkey only: numbers other than the key (drawn from key_min..key_max) put as ' 4821' at
     random places of the filler or text around the needle: prompts in which writing every number
     buries the key, as a book's own numbers do to a model whose write gate keys on digits. Three
-    per prompt in the tiny passkey stage 2 made models worse, not better (docs/memory-length.md,
-    "Numbers in the haystack")."""
+    per prompt in every source of the tiny passkey stage 2 made models worse; one per prose
+    prompt, with 4-digit keys, lifted the worst seed in prose (docs/memory-length.md, "Numbers in
+    the haystack" and "Stage 2 decides too")."""
 
     RETIRED_FIELDS: ClassVar[dict[str, tuple[Any, str]]] = {
         "passkey_length_step": (1, "prompt lengths are drawn from every length in "
