@@ -110,8 +110,9 @@ def test_without_digits_copies_a_haystack_less_its_digits(tmp_path):
 
 
 def test_the_shipped_stage_2_is_the_prose_stage_2_with_numbers_in_prose_and_4_digit_keys():
-    """The stage-2 recipe stays the prose experiment's stage 2 plus one distractor in each prose source,
-    a filler and a prose source of 4-digit keys, and the write gate training from step 0."""
+    """The stage-2 recipe stays the prose experiment's stage 2 plus one distractor in each prose
+    source, a filler and a prose source of 4-digit keys, and the write gate training from step 0:
+    the report's steps from one to the other keep describing the recipe."""
     from dataclasses import replace
 
     from infinitrain.recipe import load_recipe

@@ -78,7 +78,9 @@ def test_imported_model_equals_the_llama_within_a_segment(tmp_path, tie):
         # Memory on: the first segment reads an empty memory, so only the 1 − sigmoid(−6)
         # weight on local attention separates the two.
         assert 0 < (with_memory - expected).abs().max() < 0.05 * expected.abs().max()
-    assert torch.allclose(model.memory_gates(), torch.full((2, 4), 1 / (1 + math.exp(6))))
+    gates = model.memory_gates()  # layer 0 attends locally (the 1b recipe's memory_from_layer)
+    assert torch.equal(gates[0], torch.zeros(4))
+    assert torch.allclose(gates[1], torch.full((4,), 1 / (1 + math.exp(6))))
 
 
 def test_import_settings_and_tokenizer_are_kept(llama, tmp_path):
@@ -112,8 +114,8 @@ def test_a_recipe_can_start_from_the_import(llama, tmp_path):
         assert torch.equal(model(ids)[0], load_model_dir(init)(ids)[0])
 
 
-IMPORT_FOR = {"1b": (), "passkey-5k": (), "8b": ("--rule", "delta"),
-              "booksum-500k": ("--rule", "delta")}
+PAPER_MEMORY = ("--rule", "delta", "--memory-from-layer", "0")
+IMPORT_FOR = {"1b": (), "passkey-5k": (), "8b": PAPER_MEMORY, "booksum-500k": PAPER_MEMORY}
 """The `import hf` options each large recipe's pipeline starts from (the 1b and 8b recipes'
 comments): the default import for the passkey pipeline, the paper's memory for the books one."""
 
@@ -127,13 +129,17 @@ def imports(llama, tmp_path_factory) -> dict[tuple[str, ...], Path]:
     return out
 
 
-def test_the_default_import_writes_through_a_fully_open_write_gate(imports):
+def test_the_default_import_writes_through_a_fully_open_write_gate_from_layer_1(imports):
     model = load_model_dir(imports[()])
     assert (model.config.memory_rule, model.config.write_gate_activation) == ("deltanet", "clamp")
-    for layer in model.layers:
+    first, *others = model.layers
+    assert not first.attn.has_memory and not hasattr(first.attn, "write_bias")
+    for layer in others:
         assert torch.equal(layer.attn.write_bias, torch.ones(2))
         assert not layer.attn.write_weight.any()
-    assert not load_model_dir(imports[("--rule", "delta")]).config.memory_write_gate
+    paper = load_model_dir(imports[PAPER_MEMORY])
+    assert not paper.config.memory_write_gate
+    assert all(layer.attn.has_memory for layer in paper.layers)
 
 
 @pytest.mark.parametrize("name", list(IMPORT_FOR))

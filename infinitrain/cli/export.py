@@ -16,6 +16,7 @@ from rich.table import Table
 from ..evaluation.options import human_bytes
 from ..export.llama import (
     DEFAULT_GATE_INIT,
+    DEFAULT_MEMORY_FROM_LAYER,
     DEFAULT_MEMORY_RULE,
     import_llama,
     recipe_model_section,
@@ -108,6 +109,10 @@ def import_hf(
         "--write-gate/--no-write-gate", help="A learned write gate, clamped, starting fully open "
         "(the 1b recipe's); default: on for rules that take a write strength.",
         show_default=False)] = None,
+    memory_from_layer: Annotated[int, typer.Option(
+        min=0, help="First layer with memory; the layers below attend locally only. The default "
+                    "is the 1b recipe's; 0, every layer as in the paper, the 8b's.")]
+        = DEFAULT_MEMORY_FROM_LAYER,
     gate_init: Annotated[float, typer.Option(
         help="Initial β of every head: sigmoid(-6) ≈ 0.0025 keeps the Llama's local attention "
              "while the gate can still learn.")] = DEFAULT_GATE_INIT,
@@ -121,13 +126,15 @@ def import_hf(
 
     with reported(), stdout.status(f"importing {llama_dir}"):
         result = import_llama(llama_dir, out_ckpt, segment_len=segment_len, memory_rule=rule,
-                              write_gate=write_gate, gate_init=gate_init,
+                              write_gate=write_gate, memory_from_layer=memory_from_layer,
+                              gate_init=gate_init,
                               allow_rope_scaling_drop=allow_rope_scaling_drop)
     config = result.config
     stdout.print(f"[bold]{result.path}[/]: {config.n_layers} layers, d {config.d_model}, "
                  f"{config.n_heads} query / {config.n_kv_heads} key-value heads × "
                  f"{config.head_dim}, vocabulary {config.vocab_size}, segment "
-                 f"{config.segment_len}, {config.memory_rule} memory"
+                 f"{config.segment_len}, {config.memory_rule} memory from layer "
+                 f"{config.memory_from_layer}"
                  f"{' with a write gate' if config.memory_write_gate else ''}, gates at "
                  f"sigmoid({config.gate_init:g})",
                  highlight=False)

@@ -12,10 +12,12 @@ gradient σ'(β) ≈ 0.0025 is small but alive, where β ≤ −10 would never m
 training recipe gives β its own, larger learning rate.
 
 The memory is by default the one the 1b recipe trains (:data:`DEFAULT_MEMORY_RULE` with
-:data:`WRITE_GATE`): the ``deltanet`` rule with a clamped write gate that starts fully open, the
-only configuration of the tiny passkey study that kept retrieving far beyond its training length
-(docs/memory-length.md). Its write gate is new weights too, initialised so that every token
-writes at full strength. The 8b recipe trains the paper's ``delta``: ``memory_rule="delta"``.
+:data:`WRITE_GATE`, from layer :data:`DEFAULT_MEMORY_FROM_LAYER` on): the ``deltanet`` rule with a
+clamped write gate that starts fully open, the only configuration of the tiny passkey study that
+kept retrieving far beyond its training length, in every layer but the first, whose write gate sees
+a token alone and wrote every digit of a book (docs/memory-length.md). Its write gate is new
+weights too, initialised so that every token writes at full strength. The 8b recipe trains the
+paper's memory in every layer: ``memory_rule="delta"``, ``memory_from_layer=0``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .files import check_new_dir, checked_tokenizer, copy_tokenizer_files
 
 DEFAULT_GATE_INIT = -6.0
 DEFAULT_MEMORY_RULE = "deltanet"
+DEFAULT_MEMORY_FROM_LAYER = 1
 WRITE_GATE = {"memory_write_gate": True, "write_gate_activation": "clamp", "write_gate_init": 1.0}
 """The write gate an import gets when its memory rule takes a write strength: clamp(k·w + b, 0, 1)
 with w = 0 and b = 1, every token writing fully until training (and the recipe's write penalty)
@@ -71,6 +74,7 @@ class LlamaImport:
 def import_llama(llama_dir: str | Path, out_dir: str | Path, *,
                  segment_len: int = ModelConfig.segment_len,
                  memory_rule: str = DEFAULT_MEMORY_RULE, write_gate: bool | None = None,
+                 memory_from_layer: int = DEFAULT_MEMORY_FROM_LAYER,
                  gate_init: float = DEFAULT_GATE_INIT,
                  allow_rope_scaling_drop: bool = False) -> LlamaImport:
     """Convert ``llama_dir`` into the model directory ``out_dir``.
@@ -81,7 +85,8 @@ def import_llama(llama_dir: str | Path, out_dir: str | Path, *,
     llama_dir, out = Path(llama_dir), Path(out_dir)
     hf_config = read_llama_config(llama_dir)
     config, notes = infini_config(hf_config, segment_len=segment_len, memory_rule=memory_rule,
-                                  write_gate=write_gate, gate_init=gate_init,
+                                  write_gate=write_gate, memory_from_layer=memory_from_layer,
+                                  gate_init=gate_init,
                                   allow_rope_scaling_drop=allow_rope_scaling_drop)
     if not (llama_dir / TOKENIZER_FILE).is_file():
         raise LlamaImportError(f"{llama_dir}: no {TOKENIZER_FILE}; infinitrain needs a fast "
@@ -153,7 +158,7 @@ def read_llama_config(llama_dir: Path) -> dict:
 
 
 def infini_config(hf_config: dict, *, segment_len: int, memory_rule: str,
-                  write_gate: bool | None, gate_init: float,
+                  write_gate: bool | None, memory_from_layer: int, gate_init: float,
                   allow_rope_scaling_drop: bool) -> tuple[ModelConfig, list[str]]:
     """The ModelConfig of an Infini-Transformer with a Llama's shape, and conversion notes."""
     if write_gate is None:
@@ -195,6 +200,7 @@ def infini_config(hf_config: dict, *, segment_len: int, memory_rule: str,
             head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
             segment_len=segment_len,
             memory_rule=memory_rule,
+            memory_from_layer=memory_from_layer,
             **(WRITE_GATE if write_gate else {}),
             gate_init=float(gate_init),
             rope_theta=float(hf_config.get("rope_theta", rope.get("rope_theta", 10_000.0))),
