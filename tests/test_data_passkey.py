@@ -177,6 +177,15 @@ def test_a_haystack_of_real_text_surrounds_the_needle_and_continues_after_it(dat
     assert torch.equal(torch.cat(list(pieces)), prompt)
 
 
+@pytest.mark.parametrize(("start", "n"), [(0, 0), (250, 0), (0, 1000), (990, 10), (990, 11),
+                                          (999, 2501), (1000, 5), (3456, 1000), (5, 3000)])
+def test_haystack_filler_is_the_endless_text_from_any_place(data_tokenizer, start, n):
+    """Stretches that end at, cross, or span the text's end several times."""
+    book = torch.arange(10, 1010)
+    filler = PasskeyGenerator(data_tokenizer, haystack=book).filler(n, start)
+    assert torch.equal(filler, book.repeat(6)[start % 1000:start % 1000 + n])
+
+
 def test_haystack_tokens_join_documents_without_their_special_tokens(data_tokenizer):
     from infinitrain.data.passkey import haystack_tokens
 

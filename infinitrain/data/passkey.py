@@ -95,9 +95,15 @@ class PasskeyGenerator:
     def filler(self, n: int, start: int = 0) -> Tensor:
         """Tokens ``start`` to ``start + n`` of the endlessly repeated filler (or haystack)."""
         if self.haystack is not None:
-            size = len(self.haystack)
-            reps = math.ceil((start % size + n) / size)
-            return self.haystack.repeat(reps)[start % size:start % size + n]
+            # Slices, not a repeat of the whole text: it holds up to millions of tokens and a
+            # training prompt a few hundred, so copying it for every prompt slowed training.
+            first, pieces = start % len(self.haystack), []
+            while True:
+                pieces.append(self.haystack[first:first + n])
+                n -= len(pieces[-1])
+                if n <= 0:
+                    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+                first = 0
         first, step = len(self.filler_first), len(self.filler_next)
         head = self.filler_first[start:start + n]
         offset = max(start - first, 0)  # into the repeated part
