@@ -496,3 +496,23 @@ def test_inspect_gates_reports_sigmoid_beta(workdir):
     torch.testing.assert_close(torch.tensor(report["gates"]), model.memory_gates())
     assert report["roles"][0] == {"memory": 1, "local": 1, "mixer": 2}
     assert (out / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inspect_gates_reports_only_the_layers_with_memory(workdir):
+    """Below model.memory_from_layer a layer has no gate: no row of zeros posing as one."""
+    from infinitrain.model import InfiniTransformer, preset
+
+    torch.manual_seed(0)
+    model = InfiniTransformer(preset("tiny", vocab_size=VOCAB, d_model=32, n_layers=3,
+                                     n_heads=4, n_kv_heads=2, ffn_dim=64, segment_len=SEGMENT,
+                                     memory_from_layer=1))
+    save_model_dir(model, workdir / "local-first")
+    out = workdir / "gates-local-first"
+    code, stdout, _ = cli("inspect", "gates", "--model", workdir / "local-first", "--json",
+                          out / "g.json", "--plot", out / "g.png")
+    assert code == 0, stdout
+    report = json.loads((out / "g.json").read_text())["results"]
+    assert report["first_layer"] == 1 and len(report["gates"]) == 2
+    torch.testing.assert_close(torch.tensor(report["gates"]), model.memory_gates()[1:])
+    rows = [line.split()[1] for line in stdout.splitlines() if line.startswith("│ ")]
+    assert rows == ["1", "2"], stdout

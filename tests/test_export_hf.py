@@ -5,6 +5,7 @@ carried across generate() calls — and malformed inputs fail in one line."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -331,6 +332,11 @@ def test_model_variants_round_trip(tmp_path, variant):
     with torch.no_grad():
         expected, _ = load_model_dir(step)(ids)
         assert torch.allclose(hf_model(ids).logits, expected, atol=1e-5, rtol=0)
+    first = variant.get("memory_from_layer", 0)  # the card names the layers with memory
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert ("every attention layer is Infini-attention" in card) == (first == 0)
+    gate_rows = [line for line in card.splitlines() if re.fullmatch(r"\| \d+ \| [\d.| ]+", line)]
+    assert [int(row.split()[1]) for row in gate_rows] == list(range(first, 2))
 
 
 def test_save_pretrained_output_loads_again(hf_model, core, tmp_path):

@@ -83,12 +83,16 @@ def test_an_install_hint_in_brackets_is_printed_as_written(tmp_path: Path):
     one_line_error(result, "pip install 'infinitrain[wandb]'")
 
 
+RUN = [*SMALL, VALIDATION, "model.memory_from_layer=1"]
+"""The overrides of the `run` fixture's pretraining (layer 0 local: its gate is not logged)."""
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, str]:
     """(run directory, stdout and stderr) of a tiny pretraining run in a child process, whose
     output is not a terminal: what a SLURM log or CI shows."""
     out_dir = tmp_path_factory.mktemp("ux") / "run"
-    args = [arg for override in [*SMALL, VALIDATION] for arg in ("--set", override)]
+    args = [arg for override in RUN for arg in ("--set", override)]
     done = subprocess.run(
         [str(INFINITRAIN), "pretrain", "--recipe", "tiny", "--out-dir", str(out_dir),
          "--max-steps", str(STEPS), *args], cwd=REPO, capture_output=True, text=True,
@@ -129,6 +133,14 @@ def test_logged_steps_are_the_steps_of_the_bar_and_the_checkpoints(run):
     assert [event.step for event in events.Scalars("loss")] == logged
 
 
+def test_gates_are_logged_for_the_layers_with_memory_only(run):
+    """Layer 0 attends locally (model.memory_from_layer = 1): it has no gate to log."""
+    out_dir, _ = run
+    columns = set(csv_rows(out_dir)[0])
+    assert {"gates/layer_01/mean", "gates/layer_01/min", "gates/layer_01/max"} <= columns
+    assert not any(column.startswith("gates/layer_00") for column in columns)
+
+
 def test_tokens_seen_are_logged(run):
     out_dir, _ = run
     seen = [float(row["tokens_seen"]) for row in csv_rows(out_dir) if row["tokens_seen"]]
@@ -140,7 +152,7 @@ def test_the_resolved_recipe_is_logged_as_hyperparameters(run):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     out_dir, _ = run
-    recipe = load_recipe("tiny", [*SMALL, VALIDATION, f"checkpoint.out_dir={out_dir}"])[1]
+    recipe = load_recipe("tiny", [*RUN, f"checkpoint.out_dir={out_dir}"])[1]
     for logger in ("csv/from-step-00000000", "tensorboard"):
         logged = yaml.safe_load((out_dir / "logs" / logger / "hparams.yaml").read_text())
         assert parse_recipe(logged) == recipe

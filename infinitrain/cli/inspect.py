@@ -46,7 +46,7 @@ def gates(
     stdout.print(gates_table(report))
     if plot is not None:
         heatmap(report.gates, plot, title="Memory gate sigmoid(β) per head",
-                row_labels=[str(i) for i in range(len(report.gates))],
+                row_labels=[str(layer) for layer in report.layers],
                 col_labels=[str(h) for h in range(len(report.gates[0]))],
                 row_title="layer", col_title="query head", cmap="coolwarm")
         written("plot", plot)

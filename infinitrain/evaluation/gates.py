@@ -26,11 +26,19 @@ def head_role(gate: float) -> str:
 @dataclass
 class GateReport:
     gates: list[list[float]]
-    """sigmoid(β) as [layer][query head]."""
+    """sigmoid(β) as [layer][query head], for the layers with memory."""
+    first_layer: int = 0
+    """The first layer with memory (the model's memory_from_layer): ``gates[0]`` is its."""
 
     @classmethod
     def of(cls, model: InfiniTransformer) -> GateReport:
-        return cls(model.memory_gates().cpu().tolist())
+        first = model.config.memory_from_layer
+        return cls(model.memory_gates()[first:].cpu().tolist(), first)
+
+    @property
+    def layers(self) -> range:
+        """The layer index of each row of ``gates``."""
+        return range(self.first_layer, self.first_layer + len(self.gates))
 
     def roles(self) -> list[dict[str, int]]:
         """Per layer, how many heads are memory-specialised, local-specialised and mixers."""
@@ -41,5 +49,5 @@ class GateReport:
         return counts
 
     def to_dict(self) -> dict:
-        return {"gates": self.gates, "roles": self.roles(),
+        return {"gates": self.gates, "first_layer": self.first_layer, "roles": self.roles(),
                 "specialised_margin": SPECIALISED_MARGIN}

@@ -93,7 +93,7 @@ def gates_table(report: GateReport) -> Table:
     for head in range(heads):
         table.add_column(f"h{head}", justify="right")
     table.add_column("memory / local / mixer", justify="right")
-    for layer, (gates, roles) in enumerate(zip(report.gates, report.roles(), strict=True)):
+    for layer, gates, roles in zip(report.layers, report.gates, report.roles(), strict=True):
         table.add_row(str(layer), *map(_gate_cell, gates),
                       f"{roles['memory']} / {roles['local']} / {roles['mixer']}")
     return table

@@ -14,11 +14,14 @@ def model_card(model: InfiniTransformer, dtype: str, recipe: str | None, source:
     params = sum(p.numel() for p in model.parameters())
     memory = config.memory_state_bytes
     kv_cache = kv_cache_nbytes(config.n_layers, config.n_kv_heads, config.head_dim, LONG_CONTEXT)
-    gates = model.memory_gates()
+    first = config.memory_from_layer
     gate_rows = "\n".join(
-        f"| {i} | {row.min():.3f} | {row.mean():.3f} | {row.max():.3f} |"
-        for i, row in enumerate(gates)
+        f"| {layer} | {row.min():.3f} | {row.mean():.3f} | {row.max():.3f} |"
+        for layer, row in enumerate(model.memory_gates()[first:], first)
     )
+    which_layers = ("every attention layer is" if first == 0 else
+                    f"attention layers from layer {first} on are")
+    local_only = "" if first == 0 else f" Layers below {first} attend within their segment only."
     recipe_section = (f"## Training recipe\n\n```yaml\n{recipe.rstrip()}\n```\n" if recipe else
                       "## Training recipe\n\nThe checkpoint carried no recipe.yaml.\n")
     return f"""---
@@ -28,9 +31,9 @@ tags: [infini-attention, infinitrain, custom_code]
 
 # Infini-Transformer
 
-A Llama-style decoder whose every attention layer is Infini-attention (Munkhdalai et al. 2024,
+A Llama-style decoder whose {which_layers} Infini-attention (Munkhdalai et al. 2024,
 "Leave No Context Behind"): causal softmax attention inside segments of {config.segment_len} tokens
-and a compressive memory carried from segment to segment. Exported by infinitrain from
+and a compressive memory carried from segment to segment.{local_only} Exported by infinitrain from
 `{source}`; the modeling code is infinitrain's own model, copied next to a thin `transformers`
 wrapper.
 

@@ -40,10 +40,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     return process_peak_rss_bytes()
 
 
-def gate_statistics(gates: Tensor) -> dict[str, float]:
-    """Per layer: mean, min, max of sigmoid(β) and the fractions of heads near 0 and near 1."""
+def gate_statistics(gates: Tensor, first_layer: int = 0) -> dict[str, float]:
+    """Per layer with memory (from ``first_layer`` on; the rows below it are local-only layers'
+    zeros): mean, min, max of sigmoid(β) and the fractions of heads near 0 and near 1."""
     stats = {}
-    for layer, values in enumerate(gates):
+    for layer, values in enumerate(gates[first_layer:], first_layer):
         prefix = f"gates/layer_{layer:02d}"
         stats |= {f"{prefix}/mean": values.mean().item(), f"{prefix}/min": values.min().item(),
                   f"{prefix}/max": values.max().item(),
@@ -109,7 +110,8 @@ class TrainingMetrics(Callback):
             metrics["grad_norm"] = float(engine_norm())  # the engine keeps the last update's
         gates = [block.attn.gate for block in module.model.layers if block.attn.has_memory]
         with gathered(gates):
-            metrics |= gate_statistics(module.model.memory_gates())
+            metrics |= gate_statistics(module.model.memory_gates(),
+                                       module.model.config.memory_from_layer)
         module.log("tokens_per_s", metrics.pop("tokens_per_s"), prog_bar=True)
         module.log_dict(metrics)
         self.started, self.tokens, self.logged_step = time.perf_counter(), 0, step
