@@ -513,6 +513,18 @@ def test_inspect_gates_reports_only_the_layers_with_memory(workdir):
     assert code == 0, stdout
     report = json.loads((out / "g.json").read_text())["results"]
     assert report["first_layer"] == 1 and len(report["gates"]) == 2
-    torch.testing.assert_close(torch.tensor(report["gates"]), model.memory_gates()[1:])
+    torch.testing.assert_close(torch.tensor(report["gates"]), model.memory_gates())
     rows = [line.split()[1] for line in stdout.splitlines() if line.startswith("│ ")]
     assert rows == ["1", "2"], stdout
+
+
+def test_inspect_gates_of_a_model_without_memory_is_one_error_line(workdir):
+    from infinitrain.model import InfiniTransformer, preset
+
+    model = InfiniTransformer(preset("tiny", vocab_size=VOCAB, d_model=32, n_layers=2,
+                                     n_heads=4, n_kv_heads=2, ffn_dim=64, segment_len=SEGMENT,
+                                     memory_from_layer=2))
+    assert model.memory_gates().shape == (0, 4)
+    save_model_dir(model, workdir / "local-only")
+    code, _, stderr = cli("inspect", "gates", "--model", workdir / "local-only")
+    assert code == 2 and "no layer has memory" in stderr and "Traceback" not in stderr

@@ -245,10 +245,8 @@ def test_local_only_layers_equal_a_memory_layer_gated_shut() -> None:
         theirs, _ = reference(ids)
     assert torch.allclose(ours, theirs, atol=1e-6)
     assert state.layers[0].memory.abs().sum() == 0 and state.layers[1].memory.abs().sum() > 0
-    assert local_first.memory_gates()[0].abs().sum() == 0
-    with torch.device("meta"):  # gates of local-only layers live where the model does
-        on_meta = InfiniTransformer(small_config("deltanet-local0"))
-    assert on_meta.memory_gates().device.type == "meta"
+    torch.testing.assert_close(local_first.memory_gates(),  # layer 1's alone: layer 0 has none
+                               torch.sigmoid(reference.layers[1].attn.gate)[None])
 
 
 @pytest.mark.parametrize("rule", ["delta", "delta-overlap"])

@@ -18,7 +18,7 @@ from .common import (
     stdout,
     written,
 )
-from .output import reported
+from .output import fail, reported
 from .progress import progress
 
 inspect_app = typer.Typer(name="inspect", no_args_is_help=True,
@@ -43,6 +43,9 @@ def gates(
 
     loaded, _ = load_for_command(model, "cpu", "fp32", need_tokenizer=False)
     report = GateReport.of(loaded.model)
+    if not report.gates:
+        fail(f"{model}: no layer has memory (model.memory_from_layer = "
+             f"{report.first_layer} = n_layers), so there are no gates to inspect")
     stdout.print(gates_table(report))
     if plot is not None:
         heatmap(report.gates, plot, title="Memory gate sigmoid(β) per head",

@@ -32,8 +32,7 @@ class GateReport:
 
     @classmethod
     def of(cls, model: InfiniTransformer) -> GateReport:
-        first = model.config.memory_from_layer
-        return cls(model.memory_gates()[first:].cpu().tolist(), first)
+        return cls(model.memory_gates().cpu().tolist(), model.config.memory_from_layer)
 
     @property
     def layers(self) -> range:

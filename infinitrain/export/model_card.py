@@ -17,7 +17,7 @@ def model_card(model: InfiniTransformer, dtype: str, recipe: str | None, source:
     first = config.memory_from_layer
     gate_rows = "\n".join(
         f"| {layer} | {row.min():.3f} | {row.mean():.3f} | {row.max():.3f} |"
-        for layer, row in enumerate(model.memory_gates()[first:], first)
+        for layer, row in enumerate(model.memory_gates(), first)
     )
     which_layers = ("every attention layer is" if first == 0 else
                     f"attention layers from layer {first} on are")

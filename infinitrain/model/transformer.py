@@ -175,11 +175,14 @@ class InfiniTransformer(nn.Module):
         return self.norm(x), InfiniState(new_layers), write_cost
 
     def memory_gates(self) -> Tensor:
-        """sigmoid(β) per layer and query head: [n_layers, n_heads]; 1 = memory, 0 = local
-        (and 0 for the local-only layers below ``memory_from_layer``)."""
-        shut = torch.zeros(self.config.n_heads, device=self.embed_tokens.weight.device)
-        return torch.stack([torch.sigmoid(_full(block.attn.gate).detach().float())
-                            if block.attn.has_memory else shut for block in self.layers])
+        """sigmoid(β) per layer with memory and query head: [n_layers − memory_from_layer,
+        n_heads], row i for layer memory_from_layer + i; 1 = memory, 0 = local. The layers below
+        ``memory_from_layer`` attend locally and have no gate."""
+        gates = [torch.sigmoid(_full(block.attn.gate).detach().float())
+                 for block in self.layers if block.attn.has_memory]
+        if not gates:  # memory_from_layer = n_layers: a local-attention model
+            return self.embed_tokens.weight.new_zeros(0, self.config.n_heads)
+        return torch.stack(gates)
 
 
 def _full(parameter: Tensor) -> Tensor:

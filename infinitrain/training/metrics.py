@@ -41,10 +41,11 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def gate_statistics(gates: Tensor, first_layer: int = 0) -> dict[str, float]:
-    """Per layer with memory (from ``first_layer`` on; the rows below it are local-only layers'
-    zeros): mean, min, max of sigmoid(β) and the fractions of heads near 0 and near 1."""
+    """Per layer with memory (``gates``: the model's :meth:`memory_gates`, whose first row is
+    layer ``first_layer``): mean, min, max of sigmoid(β) and the fractions of heads near 0 and
+    near 1."""
     stats = {}
-    for layer, values in enumerate(gates[first_layer:], first_layer):
+    for layer, values in enumerate(gates, first_layer):
         prefix = f"gates/layer_{layer:02d}"
         stats |= {f"{prefix}/mean": values.mean().item(), f"{prefix}/min": values.min().item(),
                   f"{prefix}/max": values.max().item(),
