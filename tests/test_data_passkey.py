@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 
 import pytest
 import torch
 
-from infinitrain.data import IGNORE_INDEX, PasskeyGenerator, SourceConfig, build_source
+from infinitrain.data import (
+    IGNORE_INDEX,
+    PasskeyGenerator,
+    SourceConfig,
+    build_source,
+    build_sources,
+)
 from infinitrain.data.passkey import FILLER, NEEDLE, QUESTION, TASK
 from infinitrain.recipe.typed import RecipeError, dataclass_from_plain
 
@@ -240,3 +247,19 @@ def test_a_passkey_source_passes_its_distractors_on_and_refuses_impossible_ones(
         SourceConfig(kind="passkey", key_min=7, key_max=7, distractors=3)
     with pytest.raises(ValueError, match="distractors = 2: only used by kind = 'passkey'"):
         SourceConfig(kind="text", files=["a.txt"], distractors=2)
+
+
+def test_passkey_sources_in_the_same_text_share_one_tokenization(data_tokenizer, tmp_path):
+    """A recipe hides needles in the same novels from several sources: one read of them."""
+    books = tmp_path / "books.jsonl"
+    books.write_text("".join(json.dumps({"title": title, "text": f"{title} was a book. " * 40})
+                             + "\n" for title in ("Alpha", "Beta")))
+    prose = dict(kind="passkey", files=[str(books)], passkey_length=300)
+    at_depth, at_start, held_out, filler = build_sources([
+        SourceConfig(**prose), SourceConfig(**prose, depth_min=0.0, depth_max=0.0),
+        SourceConfig(**prose, exclude={"title": ["Beta"]}),
+        SourceConfig(kind="passkey", passkey_length=300)], data_tokenizer)
+    assert at_depth.generator.haystack is at_start.generator.haystack
+    assert len(held_out.generator.haystack) < len(at_depth.generator.haystack)
+    assert "Beta" not in data_tokenizer.decode(held_out.generator.haystack)
+    assert filler.generator.haystack is None

@@ -1,7 +1,7 @@
 """Data pipeline: tokenizers, dataset sources, document streams for TBPTT, passkey and BookSum."""
 
 from .booksum import BookSumBuilder, BookSumExample, booksum_source, load_booksum
-from .build import build_source, build_streams
+from .build import build_source, build_sources, build_streams
 from .documents import Document
 from .passkey import PasskeyGenerator, PasskeySample, PasskeySource
 from .sources import (
@@ -21,6 +21,6 @@ __all__ = [
     "IGNORE_INDEX", "BookSumBuilder", "BookSumExample", "DataSourceError", "DatasetSource",
     "Document", "DocumentSource", "DocumentStreams", "PasskeyGenerator", "PasskeySample",
     "PasskeySource", "Skipped", "SourceConfig", "StreamConfig", "Tokenizer", "TokenizerError",
-    "Window", "booksum_source", "build_source", "build_streams", "load_booksum", "load_rows",
-    "load_tokenizer", "text_source", "train_tokenizer",
+    "Window", "booksum_source", "build_source", "build_sources", "build_streams", "load_booksum",
+    "load_rows", "load_tokenizer", "text_source", "train_tokenizer",
 ]

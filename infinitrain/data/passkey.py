@@ -222,14 +222,19 @@ def haystack_tokens(documents: Iterable[Tensor], tokenizer: Tokenizer,
     return torch.cat(pieces)[:max_tokens] if pieces else torch.empty(0, dtype=torch.long)
 
 
-def load_haystack(config: SourceConfig, tokenizer: Tokenizer) -> Tensor:
-    """:func:`haystack_tokens` of the dataset or files ``config`` names, read as plain text less
-    what it excludes: the text a passkey source trains on, or ``eval passkey --haystack``'s.
-    DataSourceError when it holds no text."""
-    text = text_source(SourceConfig(
+def haystack_text(config: SourceConfig) -> SourceConfig:
+    """The plain-text source a passkey ``config`` hides its needles in: the dataset or files it
+    names, less what it excludes."""
+    return SourceConfig(
         name=config.name, config=config.config, split=config.split, files=config.files,
         text_field=config.text_field, streaming=config.streaming, exclude=config.exclude,
-        min_tokens=config.min_tokens), tokenizer)
+        min_tokens=config.min_tokens)
+
+
+def load_haystack(config: SourceConfig, tokenizer: Tokenizer) -> Tensor:
+    """:func:`haystack_tokens` of :func:`haystack_text`: the text a passkey source trains on, or
+    ``eval passkey --haystack``'s. DataSourceError when it holds no text."""
+    text = text_source(haystack_text(config), tokenizer)
     haystack = haystack_tokens((document.ids for document in text), tokenizer)
     if len(haystack) == 0:
         raise DataSourceError(f"{config.text_label}: holds no text to hide passkeys in")

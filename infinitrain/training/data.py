@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from ..data import Tokenizer, Window, build_source, build_streams
+from ..data import Tokenizer, Window, build_sources, build_streams
 from ..recipe import Recipe
 from .checkpoint import load_rank_streams
 
@@ -46,5 +46,4 @@ class StreamData(LightningDataModule):
 def check_sources(recipe: Recipe, tokenizer: Tokenizer) -> None:
     """Open every data source now, so that a missing dataset fails before any process starts."""
     validation = recipe.data.validation
-    for source in recipe.data.sources + (validation.sources if validation else []):
-        build_source(source, tokenizer)
+    build_sources(recipe.data.sources + (validation.sources if validation else []), tokenizer)
