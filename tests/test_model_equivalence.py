@@ -226,6 +226,26 @@ def test_token_by_token_equals_full_forward_across_segment_boundaries(rule: str)
     assert torch.allclose(full_state.layers[1].memory, ragged_state.layers[1].memory, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [1, 5])
+def test_keeping_the_last_logits_gives_those_of_the_full_forward_and_the_same_state(
+        keep: int) -> None:
+    """A prefill keeps the last logits only, and runs the last block's feed-forward for those
+    positions alone: the kept logits are the full forward's, the state the same bits."""
+    torch.manual_seed(3)
+    model = InfiniTransformer(small_config("deltanet-overlap")).eval()
+    randomise_gates(model)
+    n = model.config.segment_len
+    ids = torch.randint(0, 97, (2, 2 * n + 3))
+    with torch.no_grad():
+        full, full_state = model(ids)
+        kept, kept_state = model(ids, logits_to_keep=keep)
+    assert kept.shape == (2, keep, 97)
+    assert (kept - full[:, -keep:]).abs().max() <= 1e-6
+    for ours, theirs in zip(kept_state.layers, full_state.layers, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(vars(ours).values(), vars(theirs).values(),
+                                                     strict=True))
+
+
 def test_local_only_layers_equal_a_memory_layer_gated_shut() -> None:
     """Below memory_from_layer a layer is local attention only: the same output as a memory layer
     whose gates are shut, no gate parameter, and a memory that stays empty."""

@@ -25,11 +25,15 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.ffn_dim)
 
-    def forward(self, x: Tensor, state: LayerState, reset: Tensor | None,
-                use_memory: bool) -> tuple[Tensor, LayerState, Tensor | None]:
-        """(output, new state, the attention's write cost or None)."""
+    def forward(self, x: Tensor, state: LayerState, reset: Tensor | None, use_memory: bool,
+                keep_last: int = 0) -> tuple[Tensor, LayerState, Tensor | None]:
+        """(output, new state, the attention's write cost or None). ``keep_last`` n > 0: the
+        output of the last n positions only, the feed-forward run for those alone (the state
+        depends on none of it: the last block of a prefill that keeps the last logits)."""
         attended, state, write_cost = self.attn(self.attn_norm(x), state, reset, use_memory)
         x = x + attended
+        if keep_last:
+            x = x[:, -keep_last:]
         return x + self.mlp(self.mlp_norm(x)), state, write_cost
 
 
@@ -128,12 +132,11 @@ class InfiniTransformer(nn.Module):
         wrapper that gathers sharded weights around ``forward`` (FSDP2) keeps the output layer
         whole for it.
         """
+        keep_last = 0 if head is not None else logits_to_keep
         hidden, state, write_cost = self.hidden_states_and_write_cost(input_ids, state, reset,
-                                                                      use_memory)
+                                                                      use_memory, keep_last)
         if head is not None:
             return head(hidden, self.lm_head, write_cost), state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden), state
 
     def hidden_states(self, input_ids: Tensor, state: InfiniState | None = None,
@@ -146,10 +149,16 @@ class InfiniTransformer(nn.Module):
 
     def hidden_states_and_write_cost(
             self, input_ids: Tensor, state: InfiniState | None = None, reset: Tensor | None = None,
-            use_memory: bool = True) -> tuple[Tensor, InfiniState, Tensor | None]:
+            use_memory: bool = True,
+            keep_last: int = 0) -> tuple[Tensor, InfiniState, Tensor | None]:
         """:meth:`hidden_states` and, while training with ``memory_write_gate``, the mean
         :meth:`InfiniAttention.write_cost` over the layers with memory, with its graph: what
-        ``optim.write_penalty`` adds to the loss. None otherwise."""
+        ``optim.write_penalty`` adds to the loss. None otherwise.
+
+        ``keep_last`` n > 0: the hidden states of the last n positions only. The memory and the
+        state come from every block's keys and values, never from the last block's output, so
+        that block's feed-forward runs for those n positions alone: a prefill that keeps one
+        logit skips 1 / n_layers of the feed-forward work."""
         batch, length = input_ids.shape
         if state is None:
             state = self.empty_state(batch, input_ids.device)
@@ -162,12 +171,14 @@ class InfiniTransformer(nn.Module):
                                  f"{starts}): one flag per segment starting in this chunk")
         x = self.embed_tokens(input_ids)
         new_layers, costs = [], []
-        for block, layer_state in zip(self.layers, state.layers, strict=True):
+        last = len(self.layers) - 1
+        for index, (block, layer_state) in enumerate(zip(self.layers, state.layers, strict=True)):
+            keep = keep_last if index == last else 0
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, layer_state, cost = checkpoint(block, x, layer_state, reset, use_memory,
+                x, layer_state, cost = checkpoint(block, x, layer_state, reset, use_memory, keep,
                                                   use_reentrant=False)
             else:
-                x, layer_state, cost = block(x, layer_state, reset, use_memory)
+                x, layer_state, cost = block(x, layer_state, reset, use_memory, keep)
             new_layers.append(layer_state)
             if cost is not None:
                 costs.append(cost)
