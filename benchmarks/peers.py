@@ -9,7 +9,8 @@ Peers (a peer that is not importable is skipped; ``pip install -e '.[peers]'`` i
    AdamW step. Steps are timed in turns, infinitrain, lucidrains, llama, infinitrain, … over
    ``--rounds`` rounds after one warm-up step each; medians and infinitrain/peer ratios.
 2. Streaming prefill tokens/s and peak RSS (batch 1, inference mode), each (peer, length) in a
-   fresh process, so each peak belongs to that run alone.
+   fresh process, so each peak belongs to that run alone; ``--prefill-rounds`` runs of each in
+   turns, the median tokens/s.
 
 What each side computes, and where a peer's shape differs from infinitrain's, is in
 :data:`IMPLS` and printed at the top of the results.
@@ -26,6 +27,7 @@ import functools
 import importlib
 import inspect
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -327,23 +329,41 @@ def prefill_run(impl: Impl, shape_name: str, tokens: int, window_segments: int) 
 
 
 def prefill_benchmark(impls: list[Impl], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Per length, each impl in turn; Llama above --llama-max-prefill is skipped (its attention
-    over the KV cache grows with the square of the length: 256K takes many minutes)."""
+    """Per length, each impl in turn, ``--prefill-rounds`` times (tokens/s: the median run;
+    peak RSS: the highest); Llama above --llama-max-prefill is skipped (its attention over the
+    KV cache grows with the square of the length: 256K takes many minutes)."""
     results = []
     for tokens in args.prefill_tokens:
-        runs: dict[str, dict] = {}
-        for impl in impls:
-            if impl.streamer is None:
-                continue
-            if impl.name == "llama" and tokens > args.llama_max_prefill:
-                runs[impl.name] = {"skipped": f"above --llama-max-prefill {args.llama_max_prefill}"}
-                continue
-            print(f"prefill {tokens:,} tokens: {impl.name} …", file=sys.stderr, flush=True)
-            runs[impl.name] = prefill_run(impl, args.prefill_shape, tokens, args.prefill_window)
-        rates = {name: run["tokens_per_s"] for name, run in runs.items() if "tokens_per_s" in run}
-        results.append({"tokens": tokens, "runs": runs,
+        runs: dict[str, list[dict]] = {}
+        for round_ in range(args.prefill_rounds):
+            for impl in impls:
+                if impl.streamer is None:
+                    continue
+                if impl.name == "llama" and tokens > args.llama_max_prefill:
+                    runs[impl.name] = [{"skipped": "above --llama-max-prefill "
+                                                   f"{args.llama_max_prefill}"}]
+                    continue
+                print(f"prefill {tokens:,} tokens, round {round_ + 1}: {impl.name} …",
+                      file=sys.stderr, flush=True)
+                runs.setdefault(impl.name, []).append(
+                    prefill_run(impl, args.prefill_shape, tokens, args.prefill_window))
+        summary = {name: combined(rounds) for name, rounds in runs.items()}
+        rates = {name: run["tokens_per_s"] for name, run in summary.items()
+                 if "tokens_per_s" in run}
+        results.append({"tokens": tokens, "runs": summary, "rounds": runs,
                         "ratios": ratios(rates) if "infinitrain" in rates else {}})
     return results
+
+
+def combined(rounds: list[dict]) -> dict:
+    """One (impl, length)'s runs as one: the median tokens/s and the highest peak RSS; the first
+    skip or failure if any run had one."""
+    timed = [run for run in rounds if "tokens_per_s" in run]
+    if len(timed) < len(rounds):
+        return next(run for run in rounds if "tokens_per_s" not in run)
+    return {"tokens_per_s": statistics.median(run["tokens_per_s"] for run in timed),
+            "peak_rss_mib": max(run["peak_rss_mib"] for run in timed),
+            "rss_before_mib": max(run["rss_before_mib"] for run in timed)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,7 +409,8 @@ def describe_run(run: dict[str, Any]) -> str:
 
 def report_prefill(results: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     lines = [f"streaming prefill ({args.prefill_shape}, batch 1, inference mode, one fresh "
-             f"process per run, window {args.prefill_window} segments):"]
+             f"process per run, window {args.prefill_window} segments, median of "
+             f"{args.prefill_rounds} run(s) in turns):"]
     for result in results:
         lines.append(f"  {result['tokens'] // 1024}K tokens:")
         lines.extend(f"    {name:<12}{describe_run(run)}" for name, run in result["runs"].items())
@@ -428,7 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per impl and round")
     parser.add_argument("--prefill-tokens", type=int, nargs="+", default=[16_384, 65_536, 262_144])
+    parser.add_argument("--no-training", action="store_true")
     parser.add_argument("--no-prefill", action="store_true")
+    parser.add_argument("--prefill-rounds", type=int, default=1,
+                        help="prefill runs per impl and length, in turns (tok/s: the median)")
     parser.add_argument("--prefill-shape", choices=SHAPES, default="tiny")
     parser.add_argument("--prefill-window", type=int, default=PREFILL_WINDOW_SEGMENTS,
                         help="segments per infinitrain call and per Llama cache chunk")
@@ -467,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     versions, skipped = package_versions(), [reason for reason in reasons.values() if reason]
     print(header(versions, torch.get_num_threads(), skipped), flush=True)
     training = []
-    for config_text in args.configs:
+    for config_text in [] if args.no_training else args.configs:
         print(f"training {config_text} …", file=sys.stderr, flush=True)
         training.append(train_benchmark(impls, config_text, args.batch, args.rounds, args.steps))
     results = {"versions": versions, "threads": torch.get_num_threads(),
