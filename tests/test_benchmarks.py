@@ -164,7 +164,7 @@ def test_peers_quick_run_reports_medians_and_their_ratios(tmp_path: Path) -> Non
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "peers.py"), "--quick", "--configs", "tiny:1",
-         "--batch", "1", "--prefill-tokens", "512", "--json", str(out)],
+         "--batch", "1", "--prefill-tokens", "512", "--prefill-rounds", "2", "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -186,32 +186,24 @@ def test_peers_quick_run_reports_medians_and_their_ratios(tmp_path: Path) -> Non
 
     (prefill,) = results["prefill"]
     assert prefill["tokens"] == 512
-    for name in expected:
-        run = prefill["runs"][name]
+    for name in expected:  # two runs each, in turns: the median tokens/s, the highest peak
+        run, runs = prefill["runs"][name], prefill["rounds"][name]
         assert run["tokens_per_s"] > 0 and run["peak_rss_mib"] >= run["rss_before_mib"] > 0
+        assert run["tokens_per_s"] == statistics.median(r["tokens_per_s"] for r in runs)
+        assert run["peak_rss_mib"] == max(r["peak_rss_mib"] for r in runs)
+    started = [line.split(": ")[1] for line in done.stderr.splitlines() if "round" in line]
+    assert started == [f"{name} …" for name in expected] * 2
+    assert "median of 2 run(s) in turns" in done.stdout
     assert "infinitrain/llama" in done.stdout
 
 
-def test_peers_prefill_alone_takes_turns_and_reports_the_median_run(tmp_path: Path) -> None:
-    out = tmp_path / "prefill.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "peers.py"), "--no-training", "--prefill-tokens", "256",
-         "--prefill-rounds", "3", "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_peers_without_training_times_nothing_but_prefill(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    peers = load_benchmark("peers", monkeypatch)
+    out = tmp_path / "none.json"
+    assert peers.main(["--no-training", "--no-prefill", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert results["training"] == []
-    (prefill,) = results["prefill"]
-    for name in results["impls"]:
-        runs = prefill["rounds"][name]
-        assert len(runs) == 3
-        assert prefill["runs"][name]["tokens_per_s"] == statistics.median(
-            run["tokens_per_s"] for run in runs)
-        assert prefill["runs"][name]["peak_rss_mib"] == max(run["peak_rss_mib"] for run in runs)
-    started = [line.split(": ")[1] for line in done.stderr.splitlines() if "round" in line]
-    assert started == [f"{name} …" for name in results["impls"]] * 3  # in turns
-    assert "median of 3 run(s) in turns" in done.stdout
+    assert results["training"] == [] and results["prefill"] == []
 
 
 def test_before_after_times_another_checkout_against_this_one(tmp_path: Path) -> None:
