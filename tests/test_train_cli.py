@@ -365,6 +365,23 @@ def test_the_write_gate_waits_for_the_loss_and_a_resumed_run_remembers_it(tmp_pa
                         load_file(str(checkpoint(straight, 20) / "model.safetensors")))
 
 
+def test_a_run_whose_write_gate_never_started_says_so_at_the_end(tmp_path):
+    """A loss threshold the run never reaches: the gate never trained, which in the passkey
+    recipes means the memory path never formed. The summary says so; a run stopped before the
+    schedule's end (--max-steps) may still start it, and says nothing."""
+    gate = [*SMALL, "model.memory_rule=deltanet", "model.memory_write_gate=true",
+            "model.write_gate_activation=clamp", "optim.write_penalty=1.0",
+            "optim.write_gate_below_loss=0.001", "train.max_steps=6"]
+    stopped = pretrain(tmp_path / "stopped", "--max-steps", "3", overrides=gate)
+    assert stopped.exit_code == 0 and "never started" not in stopped.output
+    ended = pretrain(tmp_path / "ended", overrides=gate)
+    assert ended.exit_code == 0, ended.output
+    warning = " ".join(line for line in ended.output.splitlines() if "never started" in line)
+    assert "above optim.write_gate_below_loss = 0.001" in warning, ended.output
+    started = pretrain(tmp_path / "started", overrides=[*gate, "optim.write_gate_below_loss=50"])
+    assert started.exit_code == 0 and "never started" not in started.output
+
+
 def test_until_the_write_gate_starts_the_run_is_the_run_without_a_gate(tmp_path):
     """write_gate_init 1 under the clamp writes every token fully, and the frozen gate's gradients
     stay out of gradient clipping: every other weight ends where a run without a gate ends."""

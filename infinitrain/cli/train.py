@@ -144,6 +144,14 @@ def _print_result(result, recipe, out_dir: Path) -> None:
     stdout.print(f"[bold green]Done:[/] steps {result.start_step:,} → {result.end_step:,} in "
                  f"{minutes} min {seconds:02d} s, {result.tokens:,} tokens{losses}",
                  highlight=False, soft_wrap=True)  # one line in a log too
+    if result.write_gate_waiting is not None and result.end_step >= recipe.train.max_steps:
+        stdout.print(
+            f"[bold yellow]Warning:[/] the write gate never started: the loss's moving average "
+            f"ended at {result.write_gate_waiting:.3f}, above optim.write_gate_below_loss = "
+            f"{recipe.optim.write_gate_below_loss}, so the memory never learnt what to keep. In "
+            "the passkey recipes this means the memory path did not form and retrieval beyond "
+            "the last segment will fail; another train.seed forms it (docs/memory-length.md, "
+            '"Rounding, tested").', highlight=False, soft_wrap=True)
     if result.checkpoint is None:
         return
     stdout.print(f"[bold green]Checkpoint:[/] {escape(str(result.checkpoint))}", highlight=False)

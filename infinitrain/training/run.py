@@ -66,6 +66,9 @@ class TrainResult:
     best_loss: float | None
     validation: tuple[int, float] | None
     """(step, held-out loss) of the last evaluation of data.validation."""
+    write_gate_waiting: float | None = None
+    """The training loss's moving average, when the write gate still waits for it to fall below
+    optim.write_gate_below_loss at the end (else None)."""
 
 
 def meta_model(config: ModelConfig) -> InfiniTransformer:
@@ -322,4 +325,6 @@ def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
                            totals.end_step,
                            (totals.end_step - totals.start_step) * recipe.tokens_per_step,
                            totals.final_loss, totals.best_loss,
-                           None if validation is None else validation.last)
+                           None if validation is None else validation.last,
+                           module.write_gate.loss_average if module.write_gate.waits_for_loss
+                           else None)
