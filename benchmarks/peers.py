@@ -475,6 +475,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for text in args.configs:
         parse_config(text)  # fail before any timing
+    if args.prefill_rounds < 1:
+        parser.error(f"--prefill-rounds {args.prefill_rounds}: must be at least 1")
     return args
 
 

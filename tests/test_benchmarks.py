@@ -204,6 +204,9 @@ def test_peers_without_training_times_nothing_but_prefill(
     assert peers.main(["--no-training", "--no-prefill", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["training"] == [] and results["prefill"] == []
+    with pytest.raises(SystemExit) as refused:  # argparse's one-line error, status 2
+        peers.main(["--prefill-rounds", "0"])
+    assert refused.value.code == 2
 
 
 def test_before_after_times_another_checkout_against_this_one(tmp_path: Path) -> None:
