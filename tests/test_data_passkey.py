@@ -11,6 +11,7 @@ import torch
 
 from infinitrain.data import (
     IGNORE_INDEX,
+    DataSourceError,
     PasskeyGenerator,
     SourceConfig,
     build_source,
@@ -159,6 +160,22 @@ def test_key_copy_supervision_marks_the_needles_second_key(data_tokenizer):
     # the labels at positions start-1 .. end-2 predict the tokens start .. end-1
     assert extra.nonzero().flatten().tolist() == list(range(start - 1, end - 1))
     assert torch.equal(copied.labels()[start - 1:end - 1], sample.prompt_ids[start:end])
+
+
+def test_prompt_supervision_marks_every_prompt_token_and_the_answer(data_tokenizer):
+    """A passkey source with supervise_prompt yields documents whose every token but the first is
+    a target: the prompt as language modelling, then the answer and the EOS."""
+    config = SourceConfig(kind="passkey", passkey_length=200, supervise_prompt=True)
+    source = build_source(config, data_tokenizer)
+    document = next(iter(source.epoch(rank=0, world_size=1, epoch=0, seed=3)))
+    labels = document.labels()
+    assert torch.equal(labels[:-1], document.ids[1:]) and labels[-1] == -100
+    plain = build_source(SourceConfig(kind="passkey", passkey_length=200), data_tokenizer)
+    assert torch.equal(next(iter(plain.epoch(rank=0, world_size=1, epoch=0, seed=3))).ids,
+                       document.ids)
+    with pytest.raises(DataSourceError, match="supervise_prompt = True: only used by kind = "
+                                              "'passkey'"):
+        SourceConfig(kind="text", files=["x.txt"], supervise_prompt=True)
 
 
 def test_a_haystack_of_real_text_surrounds_the_needle_and_continues_after_it(data_tokenizer):

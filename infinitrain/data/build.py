@@ -28,7 +28,8 @@ def build_source(config: SourceConfig, tokenizer: Tokenizer,
                                      haystack=haystack, distractors=config.distractors)
         lengths = (config.passkey_length_min or config.passkey_length, config.passkey_length)
         return PasskeySource(generator, lengths, config.depth_min, config.depth_max,
-                             config.label, config.weight, config.supervise_key_copy)
+                             config.label, config.weight, config.supervise_key_copy,
+                             config.supervise_prompt)
     if config.kind == "booksum":
         return booksum_source(config, tokenizer)
     return text_source(config, tokenizer)

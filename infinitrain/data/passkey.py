@@ -49,15 +49,19 @@ class PasskeySample:
     key_copy: tuple[int, int]
     """[start, end) in ``prompt_ids`` of the needle's second ' {key}', which repeats the first."""
 
-    def to_document(self, eos_id: int, supervise_key_copy: bool = False) -> Document:
+    def to_document(self, eos_id: int, supervise_key_copy: bool = False,
+                    supervise_prompt: bool = False) -> Document:
         """A fine-tuning example: the prompt is read; the answer and the EOS that ends it are
         supervised (a model that never learnt to stop runs on into more digits, and the first
         integer of its output is then wrong however well it retrieved).
 
         ``supervise_key_copy`` also supervises the needle's second copy of the key: copying it
         from the first, a few tokens back, is the copy the answer needs, taught locally on every
-        prompt whatever the needle's depth."""
+        prompt whatever the needle's depth. ``supervise_prompt`` supervises every token of the
+        prompt as well (language modelling on it), the key's copy included."""
         start, end = self.key_copy if supervise_key_copy else (len(self.prompt_ids),) * 2
+        if supervise_prompt:
+            start, end = 0, len(self.prompt_ids)
         return Document.from_parts([(self.prompt_ids[:start], False),
                                     (self.prompt_ids[start:end], True),
                                     (self.prompt_ids[end:], False), (self.answer_ids, True),
@@ -247,9 +251,10 @@ class PasskeySource(DocumentSource):
 
     def __init__(self, generator: PasskeyGenerator, lengths: tuple[int, int], depth_min: float,
                  depth_max: float, label: str, weight: float,
-                 supervise_key_copy: bool = False) -> None:
+                 supervise_key_copy: bool = False, supervise_prompt: bool = False) -> None:
         super().__init__(label, weight)
         self.supervise_key_copy = supervise_key_copy
+        self.supervise_prompt = supervise_prompt
         self.generator = generator
         self.lengths = lengths
         self.depth_min, self.depth_max = depth_min, depth_max
@@ -267,5 +272,6 @@ class PasskeySource(DocumentSource):
             depth = float(rng.uniform(self.depth_min, self.depth_max))
             length = self.lengths[0] + int(rng.integers(self.lengths[1] - self.lengths[0] + 1))
             sample = self.generator.sample(length, depth, seed=int(rng.integers(2**62)))
-            yield sample.to_document(self.generator.tokenizer.eos_id, self.supervise_key_copy)
+            yield sample.to_document(self.generator.tokenizer.eos_id, self.supervise_key_copy,
+                                     self.supervise_prompt)
             position += 1

@@ -97,6 +97,13 @@ class SourceConfig:
     """passkey only: also supervise the needle's second copy of the key ('The pass key is 71432.
     Remember it. 71432 is …'), a copy a few tokens back that teaches the copy the answer needs on
     every prompt, whatever the needle's depth."""
+    supervise_prompt: bool = False
+    """passkey only: supervise every prompt token too, as language modelling does. The Landmark
+    filler repeats one group of sentences, so after its first round each filler token is a copy
+    of one a few dozen tokens back: hundreds of copy targets per prompt where the answer and the
+    key's copy give about a dozen. The loss then falls without any retrieval, so a write gate
+    waiting for the loss (optim.write_gate_below_loss) must also wait for this source's last step
+    (optim.write_gate_from_step); docs/memory-length.md, "Which path a phase teaches"."""
     distractors: int = 0
     """passkey only: numbers other than the key (drawn from key_min..key_max) put as ' 4821' at
     random places of the filler or text around the needle: prompts in which writing every number
@@ -146,7 +153,8 @@ class SourceConfig:
                                   f"files = {self.files!r}")
         only = {"booksum": ("summary_field", "max_input_tokens", "truncate"),
                 "passkey": ("passkey_length", "passkey_length_min", "depth_min", "depth_max",
-                            "key_min", "key_max", "supervise_key_copy", "distractors")}
+                            "key_min", "key_max", "supervise_key_copy", "supervise_prompt",
+                            "distractors")}
         for kind, names in only.items():
             for name in names:
                 if self.kind != kind and getattr(self, name) != defaults[name].default:
