@@ -128,3 +128,33 @@ def test_the_shipped_stage_2_is_the_prose_stage_2_with_numbers_in_prose_and_4_di
     four_digits = replace(filler[0], key_min=1000, key_max=9999, weight=0.2)
     assert numbers.data.sources[8:] == [
         four_digits, replace(_in_held_out_prose([four_digits])[0], distractors=1)]
+
+
+def _answer_paths(*args: str) -> list[tuple[str, float]]:
+    """(source, memory-only %) per passkey source, from experiments/answer_paths.py."""
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / "answer_paths.py"),
+                             "passkey-tiny", "--samples", "200", *args], cwd=REPO,
+                            capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = result.stdout.splitlines()[1:]
+    return [(row.split(":")[0], float(row.split("memory only ")[1].split("%")[0]))
+            for row in rows]
+
+
+def test_answer_paths_measures_which_answers_only_memory_can_give():
+    """The stage-1 recipe's first phase (2-segment prompts) leaves most answers to a local copy;
+    a needle right after the task text in a 3-4-segment prompt leaves all of them to memory;
+    with the whole window one segment, none."""
+    from infinitrain.recipe import load_recipe
+
+    _, stage_1 = load_recipe("passkey-tiny")
+    rows = _answer_paths()
+    assert len(rows) == len(stage_1.data.sources)
+    first, *_ = rows
+    assert first[0].startswith("passkey (96–127 tokens), steps 0–799") and first[1] < 20
+    right_after_the_task = [share for (_, share), source
+                            in zip(rows, stage_1.data.sources, strict=True)
+                            if source.depth_max == 0.0]
+    assert right_after_the_task and all(share == 100.0 for share in right_after_the_task)
+    assert all(share == 0.0 for _, share in _answer_paths("--set", "model.segment_len=256"))

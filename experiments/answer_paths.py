@@ -1,0 +1,71 @@
+"""Which path each passkey source of a recipe teaches, for docs/memory-length.md, "Which path a
+phase teaches": the share of its prompts whose answer must come through memory, because no copy
+of the key lies within the local attention of the question's last token, against the share that
+local attention can answer by copying a key in its own segment (the needle's, or its repeat).
+
+    python experiments/answer_paths.py passkey-tiny --samples 1000
+
+Prompts are drawn as the source draws them (lengths and depths uniform in its ranges), laid out
+by the same generator; local attention reads the question's own segment and the recipe's
+``model.local_overlap`` tokens before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from infinitrain.data.build import build_sources
+from infinitrain.data.passkey import PasskeySample, PasskeySource
+from infinitrain.data.tokenizer import load_tokenizer
+from infinitrain.recipe import load_recipe
+
+
+def key_spans(sample: PasskeySample) -> list[tuple[int, int]]:
+    """[start, end) of every copy of the key's tokens inside the needle."""
+    key = sample.answer_ids
+    needle = sample.prompt_ids[sample.needle_offset:sample.needle_offset + sample.needle_len]
+    return [(sample.needle_offset + i, sample.needle_offset + i + len(key))
+            for i in range(len(needle) - len(key) + 1) if needle[i:i + len(key)].tolist() == key]
+
+
+def needs_memory(sample: PasskeySample, segment_len: int, overlap: int) -> bool:
+    """Whether no copy of the key lies whole within the local attention of the question's last
+    token (the position that predicts the answer's first token)."""
+    last = len(sample.prompt_ids) - 1
+    local_start = max(0, last // segment_len * segment_len - overlap)
+    return not any(start >= local_start for start, _ in key_spans(sample))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", help="a shipped recipe's name or a recipe file")
+    parser.add_argument("--samples", type=int, default=1000, help="prompts drawn per source")
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        metavar="KEY=VALUE", help="a recipe override, as for pretrain")
+    args = parser.parse_args()
+    _, recipe = load_recipe(args.recipe, args.overrides)
+    model = recipe.model_config
+    configs = recipe.data.sources
+    sources = build_sources(configs, load_tokenizer(recipe.data.tokenizer))
+    rng = np.random.default_rng(0)
+    print(f"segment {model.segment_len} tokens, local overlap {model.local_overlap}; "
+          f"{args.samples} prompts per source")
+    for config, source in zip(configs, sources, strict=True):
+        if not isinstance(source, PasskeySource):
+            continue
+        memory = 0
+        for _ in range(args.samples):
+            length = int(rng.integers(source.lengths[0], source.lengths[1] + 1))
+            depth = float(rng.uniform(source.depth_min, source.depth_max))
+            sample = source.generator.sample(length, depth, seed=int(rng.integers(2**62)))
+            memory += needs_memory(sample, model.segment_len, model.local_overlap)
+        until = "end" if config.until_step is None else config.until_step - 1
+        print(f"{source.label}, steps {config.from_step}–{until}, weight {config.weight:g}: "
+              f"memory only {100 * memory / args.samples:.1f}%, "
+              f"a key within local attention {100 * (1 - memory / args.samples):.1f}%")
+
+
+if __name__ == "__main__":
+    main()
