@@ -5,16 +5,14 @@ local attention can answer by copying a key in its own segment (the needle's, or
 
     python experiments/answer_paths.py passkey-tiny --samples 1000
 
-Prompts are drawn as the source draws them (lengths and depths uniform in its ranges), laid out
-by the same generator; local attention reads the question's own segment and the recipe's
-``model.local_overlap`` tokens before it.
+The prompts are the source's own (its first epoch at seed 0); local attention reads the
+question's own segment and the recipe's ``model.local_overlap`` tokens before it.
 """
 
 from __future__ import annotations
 
 import argparse
-
-import numpy as np
+from itertools import islice
 
 from infinitrain.data.build import build_sources
 from infinitrain.data.passkey import PasskeySample, PasskeySource
@@ -49,18 +47,14 @@ def main() -> None:
     model = recipe.model_config
     configs = recipe.data.sources
     sources = build_sources(configs, load_tokenizer(recipe.data.tokenizer))
-    rng = np.random.default_rng(0)
     print(f"segment {model.segment_len} tokens, local overlap {model.local_overlap}; "
           f"{args.samples} prompts per source")
     for config, source in zip(configs, sources, strict=True):
         if not isinstance(source, PasskeySource):
             continue
-        memory = 0
-        for _ in range(args.samples):
-            length = int(rng.integers(source.lengths[0], source.lengths[1] + 1))
-            depth = float(rng.uniform(source.depth_min, source.depth_max))
-            sample = source.generator.sample(length, depth, seed=int(rng.integers(2**62)))
-            memory += needs_memory(sample, model.segment_len, model.local_overlap)
+        samples = islice(source.samples(rank=0, world_size=1, epoch=0, seed=0), args.samples)
+        memory = sum(needs_memory(sample, model.segment_len, model.local_overlap)
+                     for sample in samples)
         until = "end" if config.until_step is None else config.until_step - 1
         print(f"{source.label}, steps {config.from_step}–{until}, weight {config.weight:g}: "
               f"memory only {100 * memory / args.samples:.1f}%, "

@@ -264,14 +264,19 @@ class PasskeySource(DocumentSource):
             raise DataSourceError(f"{label}: {error}; raise passkey_length_min (or "
                                   "passkey_length)") from None
 
-    def epoch(self, rank: int, world_size: int, epoch: int, seed: int,
-              start: int = 0) -> Iterator[Document | Skipped]:
+    def samples(self, rank: int, world_size: int, epoch: int, seed: int,
+                start: int = 0) -> Iterator[PasskeySample]:
+        """The prompts :meth:`epoch` trains on, with where their needle and key lie."""
         position = start
         while True:  # synthetic: an epoch never ends, every position is a fresh sample
             rng = np.random.default_rng([seed, world_size, rank, epoch, position])
             depth = float(rng.uniform(self.depth_min, self.depth_max))
             length = self.lengths[0] + int(rng.integers(self.lengths[1] - self.lengths[0] + 1))
-            sample = self.generator.sample(length, depth, seed=int(rng.integers(2**62)))
+            yield self.generator.sample(length, depth, seed=int(rng.integers(2**62)))
+            position += 1
+
+    def epoch(self, rank: int, world_size: int, epoch: int, seed: int,
+              start: int = 0) -> Iterator[Document | Skipped]:
+        for sample in self.samples(rank, world_size, epoch, seed, start):
             yield sample.to_document(self.generator.tokenizer.eos_id, self.supervise_key_copy,
                                      self.supervise_prompt)
-            position += 1
