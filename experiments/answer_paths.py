@@ -20,20 +20,13 @@ from infinitrain.data.tokenizer import load_tokenizer
 from infinitrain.recipe import load_recipe
 
 
-def key_spans(sample: PasskeySample) -> list[tuple[int, int]]:
-    """[start, end) of every copy of the key's tokens inside the needle."""
-    key = sample.answer_ids
-    needle = sample.prompt_ids[sample.needle_offset:sample.needle_offset + sample.needle_len]
-    return [(sample.needle_offset + i, sample.needle_offset + i + len(key))
-            for i in range(len(needle) - len(key) + 1) if needle[i:i + len(key)].tolist() == key]
-
-
 def needs_memory(sample: PasskeySample, segment_len: int, overlap: int) -> bool:
-    """Whether no copy of the key lies whole within the local attention of the question's last
-    token (the position that predicts the answer's first token)."""
+    """Whether no copy of the key lies within the local attention of the question's last token
+    (the position that predicts the answer's first token). The needle's second copy of the key
+    (``key_copy``) is its last, so no copy is local when that one starts before local attention."""
     last = len(sample.prompt_ids) - 1
     local_start = max(0, last // segment_len * segment_len - overlap)
-    return not any(start >= local_start for start, _ in key_spans(sample))
+    return sample.key_copy[0] < local_start
 
 
 def main() -> None:
