@@ -15,12 +15,12 @@ from .sources import (
 )
 from .streams import DocumentStreams, StreamConfig
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
-from .window import IGNORE_INDEX, Window
+from .window import IGNORE_INDEX, WRITE_UNKNOWN, Window
 
 __all__ = [
-    "IGNORE_INDEX", "BookSumBuilder", "BookSumExample", "DataSourceError", "DatasetSource",
-    "Document", "DocumentSource", "DocumentStreams", "PasskeyGenerator", "PasskeySample",
-    "PasskeySource", "Skipped", "SourceConfig", "StreamConfig", "Tokenizer", "TokenizerError",
-    "Window", "booksum_source", "build_source", "build_sources", "build_streams", "load_booksum",
-    "load_rows", "load_tokenizer", "text_source", "train_tokenizer",
+    "IGNORE_INDEX", "WRITE_UNKNOWN", "BookSumBuilder", "BookSumExample", "DataSourceError",
+    "DatasetSource", "Document", "DocumentSource", "DocumentStreams", "PasskeyGenerator",
+    "PasskeySample", "PasskeySource", "Skipped", "SourceConfig", "StreamConfig", "Tokenizer",
+    "TokenizerError", "Window", "booksum_source", "build_source", "build_sources", "build_streams",
+    "load_booksum", "load_rows", "load_tokenizer", "text_source", "train_tokenizer",
 ]

@@ -25,14 +25,20 @@ class Document:
     target: Tensor | None = None
     """[L] bool: True where token i is a supervised target (predicted from the tokens before it);
     None: every token."""
+    writes: Tensor | None = None
+    """[L] bool: True where the memory should write token i (the fact a task will ask for, such
+    as a passkey's needle), False where it should not; None: the document does not say. What
+    ``optim.write_target_until_step`` trains the write gate towards."""
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 1 or len(self.ids) < 2:
             raise ValueError(f"a document needs at least BOS and EOS, got ids of shape "
                              f"{tuple(self.ids.shape)}")
-        if self.target is not None and self.target.shape != self.ids.shape:
-            raise ValueError(f"target mask shape {tuple(self.target.shape)} does not match ids "
-                             f"shape {tuple(self.ids.shape)}")
+        for name in ("target", "writes"):
+            mask = getattr(self, name)
+            if mask is not None and mask.shape != self.ids.shape:
+                raise ValueError(f"{name} mask shape {tuple(mask.shape)} does not match ids "
+                                 f"shape {tuple(self.ids.shape)}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -43,7 +49,8 @@ class Document:
         return cls(torch.as_tensor(ids, dtype=torch.long))
 
     @classmethod
-    def from_parts(cls, parts: Sequence[tuple[Sequence[int] | Tensor, bool]]) -> Document:
+    def from_parts(cls, parts: Sequence[tuple[Sequence[int] | Tensor, bool]],
+                   writes: Tensor | None = None) -> Document:
         """Concatenate ``(ids, supervised)`` parts.
 
         E.g. ``[(bos + book + prompt, False), (summary + eos, True)]``.
@@ -51,7 +58,7 @@ class Document:
         chunks = [torch.as_tensor(ids, dtype=torch.long) for ids, _ in parts]
         target = torch.cat([torch.full((len(c),), supervised, dtype=torch.bool)
                             for c, (_, supervised) in zip(chunks, parts, strict=True)])
-        return cls(torch.cat(chunks), target)
+        return cls(torch.cat(chunks), target, writes)
 
     def labels(self) -> Tensor:
         """[L] next-token labels: ``ids[t+1]`` where that token is a target, IGNORE_INDEX elsewhere.

@@ -58,14 +58,16 @@ class PasskeySample:
         ``supervise_key_copy`` also supervises the needle's second copy of the key: copying it
         from the first, a few tokens back, is the copy the answer needs, taught locally on every
         prompt whatever the needle's depth. ``supervise_prompt`` supervises every token of the
-        prompt as well (language modelling on it), the key's copy included."""
+        prompt as well (language modelling on it), the key's copy included. The needle's
+        tokens are the ones the memory should write (``Document.writes``), the rest not."""
         start, end = self.key_copy if supervise_key_copy else (len(self.prompt_ids),) * 2
         if supervise_prompt:
             start, end = 0, len(self.prompt_ids)
-        return Document.from_parts([(self.prompt_ids[:start], False),
-                                    (self.prompt_ids[start:end], True),
-                                    (self.prompt_ids[end:], False), (self.answer_ids, True),
-                                    ([eos_id], True)])
+        parts = [(self.prompt_ids[:start], False), (self.prompt_ids[start:end], True),
+                 (self.prompt_ids[end:], False), (self.answer_ids, True), ([eos_id], True)]
+        writes = torch.zeros(sum(len(ids) for ids, _ in parts), dtype=torch.bool)
+        writes[self.needle_offset:self.needle_offset + self.needle_len] = True
+        return Document.from_parts(parts, writes)
 
 
 class PasskeyGenerator:

@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset
 
 from .documents import Document
 from .sources import DataSourceError, DocumentSource, Skipped
-from .window import IGNORE_INDEX, Window
+from .window import IGNORE_INDEX, WRITE_UNKNOWN, Window
 
 STATE_VERSION = 1
 
@@ -154,6 +154,7 @@ class DocumentStreams(IterableDataset):
         size, length, n = config.streams, config.window_len, config.segment_len
         input_ids = torch.full((size, length), self.pad_id, dtype=torch.long)
         labels = torch.full((size, length), IGNORE_INDEX, dtype=torch.long)
+        writes = torch.full((size, length), WRITE_UNKNOWN, dtype=torch.int8)
         reset = torch.zeros(size, config.segments_per_window, dtype=torch.bool)
         if config.mode == "concat" and self.windows == 0:
             reset[:, 0] = True
@@ -170,6 +171,8 @@ class DocumentStreams(IterableDataset):
                            piece - slot.offset % piece)
                 input_ids[b, t:t + take] = slot.document.ids[slot.offset:slot.offset + take]
                 labels[b, t:t + take] = slot.labels[slot.offset:slot.offset + take]
+                if slot.document.writes is not None:
+                    writes[b, t:t + take] = slot.document.writes[slot.offset:slot.offset + take]
                 t += take
                 slot.offset += take
                 if slot.offset == len(slot.document):
@@ -177,7 +180,7 @@ class DocumentStreams(IterableDataset):
                     if config.mode == "document":  # pad to the segment boundary
                         t = math.ceil(t / n) * n
         self.windows += 1
-        return Window(input_ids, labels, reset, position=self.state_dict())
+        return Window(input_ids, labels, reset, position=self.state_dict(), write_targets=writes)
 
     def _draw_source(self) -> int:
         """Which source the next document comes from: a weighted draw over the sources active at

@@ -10,6 +10,8 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 """Label of a token that is not supervised (padding, prompt, a book's body before its summary)."""
+WRITE_UNKNOWN = -1
+"""Write target of a token whose document does not say whether the memory should write it."""
 
 
 @dataclass
@@ -23,6 +25,10 @@ class Window:
     position: dict[str, Any] | None = None
     """The data position right after this window (`DocumentStreams.state_dict()`): save the one of
     the last window consumed, since the loader may already have produced the next."""
+    write_targets: Tensor | None = None
+    """[B, k·N] int8: 1 where the memory should write the token, 0 where it should not,
+    WRITE_UNKNOWN where its document does not say (`Document.writes`); None: unknown
+    everywhere."""
 
     @property
     def has_supervision(self) -> bool:
@@ -35,4 +41,5 @@ class Window:
 
     def to(self, device: torch.device | str) -> Window:
         return Window(self.input_ids.to(device), self.labels.to(device), self.reset.to(device),
-                      self.position)
+                      self.position,
+                      None if self.write_targets is None else self.write_targets.to(device))

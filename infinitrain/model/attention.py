@@ -117,16 +117,19 @@ class InfiniAttention(nn.Module):
             :meth:`InfiniTransformer.freeze_write_gates`."""
 
     def forward(self, x: Tensor, state: LayerState, reset: Tensor | None = None,
-                use_memory: bool = True) -> tuple[Tensor, LayerState, Tensor | None]:
+                use_memory: bool = True,
+                write_targets: Tensor | None = None) -> tuple[Tensor, LayerState, Tensor | None]:
         """(output, new state, write cost): the cost is :meth:`write_cost` of this chunk's keys
-        while training with the write gate (for ``optim.write_penalty``), else None."""
+        (against ``write_targets`` [B, T] if given) while training with the write gate, else
+        None."""
         b, t, _ = x.shape
         cfg = self.config
         q = self.q_proj(x).view(b, t, cfg.n_heads, cfg.head_dim)
         k = self.k_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(b, t, cfg.n_kv_heads, cfg.head_dim)
         memory = self.has_memory and use_memory  # the memory-disabled baseline skips it all
-        cost = self.write_cost(k) if self.training and memory and cfg.memory_write_gate else None
+        cost = (self.write_cost(k, write_targets)
+                if self.training and memory and cfg.memory_write_gate else None)
 
         n = cfg.segment_len
         cached = state.keys.shape[1]
@@ -181,14 +184,26 @@ class InfiniAttention(nn.Module):
             return logits.clamp(0.0, 1.0)
         return torch.sigmoid(logits)
 
-    def write_cost(self, k: Tensor) -> Tensor:
-        """Mean write strength of keys k before clipping at 1 (sigmoid: β; clamp: relu(x)), the
-        quantity ``optim.write_penalty`` charges: it still pushes down a token whose clamped β
-        sits at 1, where the clamp passes no gradient."""
+    def write_cost(self, k: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Without ``targets``: the mean write strength of keys k before clipping at 1 (sigmoid:
+        β; clamp: relu(x)), the quantity ``optim.write_penalty`` charges: it still pushes down a
+        token whose clamped β sits at 1, where the clamp passes no gradient.
+
+        With ``targets`` [B, T] (1: write, 0: do not, negative: no target): the gate's mean
+        error over the tokens with a target, what ``optim.write_target_until_step`` trains it
+        on. Clamp: relu(1 − x) where a token should write and relu(x) where not, 0 once β is
+        exactly right; sigmoid: binary cross-entropy."""
         logits = self.write_logits(k)
-        if self.config.write_gate_activation == "clamp":
-            return F.relu(logits).mean()
-        return torch.sigmoid(logits).mean()
+        clamp = self.config.write_gate_activation == "clamp"
+        if targets is None:
+            return F.relu(logits).mean() if clamp else torch.sigmoid(logits).mean()
+        write = (targets > 0)[..., None].expand_as(logits)
+        known = (targets >= 0)[..., None].expand_as(logits)
+        if clamp:
+            errors = torch.where(write, F.relu(1 - logits), F.relu(logits))
+        else:
+            errors = F.binary_cross_entropy_with_logits(logits, write.float(), reduction="none")
+        return (errors * known).sum() / known.sum().clamp(min=1)
 
     def _local(self, q: Tensor, keys: Tensor, values: Tensor, context_keys: Tensor,
                context_values: Tensor, visible: Tensor) -> Tensor:

@@ -26,11 +26,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.d_model, config.ffn_dim)
 
     def forward(self, x: Tensor, state: LayerState, reset: Tensor | None, use_memory: bool,
-                keep_last: int = 0) -> tuple[Tensor, LayerState, Tensor | None]:
+                keep_last: int = 0,
+                write_targets: Tensor | None = None) -> tuple[Tensor, LayerState, Tensor | None]:
         """(output, new state, the attention's write cost or None). ``keep_last`` n > 0: the
         output of the last n positions only, the feed-forward run for those alone (the state
         depends on none of it: the last block of a prefill that keeps the last logits)."""
-        attended, state, write_cost = self.attn(self.attn_norm(x), state, reset, use_memory)
+        attended, state, write_cost = self.attn(self.attn_norm(x), state, reset, use_memory,
+                                                write_targets)
         x = x + attended
         if keep_last:
             x = x[:, -keep_last:]
@@ -117,7 +119,8 @@ class InfiniTransformer(nn.Module):
 
     def forward(self, input_ids: Tensor, state: InfiniState | None = None,
                 reset: Tensor | None = None, use_memory: bool = True,
-                logits_to_keep: int = 0, head: OutputHead | None = None) -> tuple[Any, InfiniState]:
+                logits_to_keep: int = 0, head: OutputHead | None = None,
+                write_targets: Tensor | None = None) -> tuple[Any, InfiniState]:
         """Run ``input_ids`` [B, T] on from ``state`` (empty if None).
 
         reset: bool [B, segments starting in this chunk]; True empties that stream's memory
@@ -130,11 +133,12 @@ class InfiniTransformer(nn.Module):
         hidden states, the output layer, :meth:`hidden_states_and_write_cost`'s write cost):
         a training loss over the supervised positions, computed inside this call, so that a
         wrapper that gathers sharded weights around ``forward`` (FSDP2) keeps the output layer
-        whole for it.
+        whole for it. write_targets [B, T]: the write cost is the write gate's error against
+        these (:meth:`InfiniAttention.write_cost`), not its mean strength.
         """
         keep_last = 0 if head is not None else logits_to_keep
-        hidden, state, write_cost = self.hidden_states_and_write_cost(input_ids, state, reset,
-                                                                      use_memory, keep_last)
+        hidden, state, write_cost = self.hidden_states_and_write_cost(
+            input_ids, state, reset, use_memory, keep_last, write_targets)
         if head is not None:
             return head(hidden, self.lm_head, write_cost), state
         return self.lm_head(hidden), state
@@ -149,8 +153,8 @@ class InfiniTransformer(nn.Module):
 
     def hidden_states_and_write_cost(
             self, input_ids: Tensor, state: InfiniState | None = None, reset: Tensor | None = None,
-            use_memory: bool = True,
-            keep_last: int = 0) -> tuple[Tensor, InfiniState, Tensor | None]:
+            use_memory: bool = True, keep_last: int = 0,
+            write_targets: Tensor | None = None) -> tuple[Tensor, InfiniState, Tensor | None]:
         """:meth:`hidden_states` and, while training with ``memory_write_gate``, the mean
         :meth:`InfiniAttention.write_cost` over the layers with memory, with its graph: what
         ``optim.write_penalty`` adds to the loss. None otherwise.
@@ -176,9 +180,10 @@ class InfiniTransformer(nn.Module):
             keep = keep_last if index == last else 0
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x, layer_state, cost = checkpoint(block, x, layer_state, reset, use_memory, keep,
-                                                  use_reentrant=False)
+                                                  write_targets, use_reentrant=False)
             else:
-                x, layer_state, cost = block(x, layer_state, reset, use_memory, keep)
+                x, layer_state, cost = block(x, layer_state, reset, use_memory, keep,
+                                             write_targets)
             new_layers.append(layer_state)
             if cost is not None:
                 costs.append(cost)

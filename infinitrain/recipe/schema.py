@@ -175,6 +175,13 @@ class OptimSection:
     (about 10 steps) is below this as well: when the task's circuit has formed, which varies
     between runs by hundreds of steps (docs/memory-length.md, "Why stage 1 is chaotic").
     0: at write_gate_from_step."""
+    write_target_until_step: int = 0
+    """Until this optimizer step the write gate trains from step 0 towards what the data says
+    the memory should write (a passkey's needle, nothing else), weighted by write_penalty in
+    place of the strength it charges; from it on, write_gate_from_step and
+    write_gate_below_loss apply. The memory then holds the fact from the first steps instead of
+    the fact under every token written after it, so the path that reads it need not wait for a
+    lucky trajectory (docs/memory-length.md, "A supervised write gate"). 0: off."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "gate_lr_multiplier", "eps"):
@@ -184,7 +191,7 @@ class OptimSection:
             raise field_error("optim.write_gate_lr_multiplier", self.write_gate_lr_multiplier,
                               "must be > 0, or null for optim.gate_lr_multiplier")
         for name in ("weight_decay", "grad_clip", "warmup_steps", "write_penalty",
-                     "write_gate_from_step", "write_gate_below_loss"):
+                     "write_gate_from_step", "write_gate_below_loss", "write_target_until_step"):
             if getattr(self, name) < 0:
                 raise field_error(f"optim.{name}", getattr(self, name), "must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -344,6 +351,11 @@ class Recipe:
             raise field_error("optim.write_penalty", self.optim.write_penalty,
                               "needs model.memory_write_gate: true (it charges the write gate's "
                               "strength); set that or the penalty to 0")
+        if self.optim.write_target_until_step and not self.optim.write_penalty:
+            raise field_error("optim.write_target_until_step", self.optim.write_target_until_step,
+                              "needs optim.write_penalty > 0 (the weight of the write gate's "
+                              "error in the loss) and model.memory_write_gate: true; set them "
+                              "or this to 0")
         validation = self.data.validation
         if validation is not None and validation.every_steps % self.logging.every_steps:
             raise field_error("data.validation.every_steps", validation.every_steps,

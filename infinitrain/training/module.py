@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..data import IGNORE_INDEX, Window
+from ..data import IGNORE_INDEX, WRITE_UNKNOWN, Window
 from ..model import InfiniState, InfiniTransformer
 from ..recipe import Recipe
 from .checkpoint import load_rank_streams
@@ -131,10 +131,15 @@ class StreamingLM(LightningModule):
         # A frozen gate's zero gradient counts nothing in clipping (its lr is 0 too): until
         # the gate starts, the run is the run without a gate, under every strategy.
         self.model.freeze_write_gates(not self.write_gate.trains(self.global_step))
+        targeted = self.write_gate.targets(self.global_step)
+        write_targets = window.write_targets
+        if targeted and write_targets is None:  # no document says: nothing to learn from
+            write_targets = torch.full_like(window.input_ids, WRITE_UNKNOWN, dtype=torch.int8)
         (loss_sum, write_cost), state = self.model(
             window.input_ids, self.streams, window.reset,
             head=lambda hidden, lm_head, cost: (supervised_loss_sum(hidden, window.labels,
-                                                                    lm_head), cost))
+                                                                    lm_head), cost),
+            write_targets=write_targets if targeted else None)
         self.streams = state.detach()  # the truncation point of truncated BPTT
         # Mean over every supervised token of every rank once DDP averages the gradients.
         loss = loss_sum * (self.trainer.world_size / targets)
@@ -142,7 +147,8 @@ class StreamingLM(LightningModule):
         self._step_values.setdefault("loss", []).append(loss.detach())
         if write_cost is not None:
             self._watch_loss(loss)
-            self._step_values.setdefault("write_cost", []).append(write_cost.detach())
+            name = "write_error" if targeted else "write_cost"
+            self._step_values.setdefault(name, []).append(write_cost.detach())
             loss = loss + self.write_gate.penalty_weight(self.global_step) * write_cost
         self._log_step_means()
         return loss

@@ -1,12 +1,13 @@
-"""When the memory's write gate trains: the curriculum of ``optim.write_gate_from_step`` and
-``optim.write_gate_below_loss``.
+"""When the memory's write gate trains: the curriculum of ``optim.write_target_until_step``,
+``optim.write_gate_from_step`` and ``optim.write_gate_below_loss``.
 
 Until the gate starts, every token writes at ``model.write_gate_init``'s strength and the gate's
 learning rate is 0, so the task's circuit forms as in a model without a gate; a write penalty
 before then could close every write while the loss has no reason yet to keep any. With a loss
 threshold, the start waits for the training loss's moving average to fall below it, since when
 the circuit forms varies between runs by hundreds of steps (docs/memory-length.md,
-"Why stage 1 is chaotic").
+"Why stage 1 is chaotic"). With write targets, the gate trains from step 0 towards what the data
+says to write, and the penalty waits for the targets' phase to end.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class WriteGateSchedule:
         self.from_step = optim.write_gate_from_step
         self.below_loss = optim.write_gate_below_loss
         self.penalty = optim.write_penalty
+        self.targets_until = optim.write_target_until_step
         self.start: int | None = None
         """The step at which the loss threshold was met (None: not yet, or no threshold)."""
         self.loss_average: float | None = None
@@ -30,14 +32,21 @@ class WriteGateSchedule:
         """Whether the start still waits for the loss threshold (what :meth:`observe` is for)."""
         return bool(self.below_loss) and self.start is None
 
+    def targets(self, step: int) -> bool:
+        """Whether the gate trains towards the data's write targets at ``step``."""
+        return step < self.targets_until
+
     def trains(self, step: int) -> bool:
+        if self.targets(step):
+            return True
         if step < self.from_step:
             return False
         return not self.below_loss or self.start is not None
 
     def penalty_weight(self, step: int) -> float:
         """``optim.write_penalty`` while the gate trains, else 0: before, the penalty would push
-        the keys of a warm-started gate that cannot move."""
+        the keys of a warm-started gate that cannot move. During the targets' phase it weighs
+        the gate's error against them instead."""
         return self.penalty if self.trains(step) else 0.0
 
     def observe(self, loss: float, step: int) -> bool:
