@@ -162,6 +162,16 @@ def test_key_copy_supervision_marks_the_needles_second_key(data_tokenizer):
     assert torch.equal(copied.labels()[start - 1:end - 1], sample.prompt_ids[start:end])
 
 
+def test_the_needle_is_what_a_passkey_document_says_to_write(data_tokenizer):
+    """Document.writes: the needle's sentence, nothing before or after it, the answer included."""
+    sample = PasskeyGenerator(data_tokenizer).sample(300, 0.4, seed=5)
+    document = sample.to_document(data_tokenizer.eos_id, supervise_key_copy=True)
+    written = document.writes.nonzero().flatten().tolist()
+    assert written == list(range(sample.needle_offset, sample.needle_offset + sample.needle_len))
+    assert data_tokenizer.decode(document.ids[document.writes]).strip() == \
+        f"The pass key is {sample.key}. Remember it. {sample.key} is the pass key."
+
+
 def test_prompt_supervision_marks_every_prompt_token_and_the_answer(data_tokenizer):
     """A passkey source with supervise_prompt yields documents whose every token but the first is
     a target: the prompt as language modelling, then the answer and the EOS."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from infinitrain.data import (
     IGNORE_INDEX,
+    WRITE_UNKNOWN,
     Document,
     DocumentSource,
     DocumentStreams,
@@ -127,6 +129,34 @@ def test_concat_mode_packs_documents_back_to_back(data_tokenizer, data_kjv_snipp
             assert tuple(ids[start:end + 1]) in expected
             assert labels[start:end] == ids[start + 1:end + 1]
             assert labels[end] == IGNORE_INDEX  # EOS does not predict the next document's BOS
+
+
+def test_write_targets_travel_with_their_tokens(data_tokenizer, data_kjv_snippets):
+    """Window.write_targets: 1 on exactly the needle tokens of the passkey prompts in the window,
+    0 on their other tokens, WRITE_UNKNOWN on plain text (which says nothing) and padding."""
+    sources, config = _mixture(data_kjv_snippets)
+    streams = build_streams(sources, config, data_tokenizer)
+    needle = re.compile(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.")
+    remember = torch.as_tensor(data_tokenizer.encode(" Remember it."))
+    whole = text_tokens = 0
+    for window in itertools.islice(streams, 40):
+        targets = window.write_targets
+        assert targets.shape == window.input_ids.shape and targets.dtype == torch.int8
+        for row, ids in zip(targets, window.input_ids, strict=True):
+            assert set(row.tolist()) <= {WRITE_UNKNOWN, 0, 1}
+            text_tokens += int((row == WRITE_UNKNOWN).sum())
+            # every run of tokens to write inside the window is one whole needle
+            edges = torch.diff(torch.cat([row.new_zeros(1), (row == 1).to(torch.int8),
+                                          row.new_zeros(1)]))
+            for start, end in zip((edges == 1).nonzero().flatten().tolist(),
+                                  (edges == -1).nonzero().flatten().tolist(), strict=True):
+                if start > 0 and end < len(ids):
+                    assert needle.fullmatch(data_tokenizer.decode(ids[start:end]).strip())
+                    whole += 1
+            for start in range(len(ids) - len(remember) + 1):  # and no needle is left out
+                if torch.equal(ids[start:start + len(remember)], remember):
+                    assert (row[start:start + len(remember)] == 1).all()
+    assert whole and text_tokens
 
 
 def _mixture(path, **stream):

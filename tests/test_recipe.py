@@ -110,6 +110,9 @@ BAD_RECIPES = {
     "write penalty without a write gate": (
         lambda r: r["optim"].update(write_penalty=0.1),
         "optim.write_penalty = 0.1: needs model.memory_write_gate: true"),
+    "write targets without a penalty to weigh them": (
+        lambda r: r["optim"].update(write_target_until_step=100),
+        "optim.write_target_until_step = 100: needs optim.write_penalty > 0"),
     "negative write penalty": (lambda r: r["optim"].update(write_penalty=-1),
                                "optim.write_penalty = -1.0: must be >= 0"),
     "retired model field": (lambda r: r["model"].update(memory_features="signed"),

@@ -26,6 +26,7 @@ from torch._dynamo.utils import counters
 from typer.testing import CliRunner
 
 from infinitrain.cli import app
+from infinitrain.data import PasskeyGenerator
 from infinitrain.evaluation.training_log import TrainingLog
 from infinitrain.model_dir import load_model_dir
 
@@ -363,6 +364,44 @@ def test_the_write_gate_waits_for_the_loss_and_a_resumed_run_remembers_it(tmp_pa
     trained(stopped, "--resume", "auto", "--max-steps", "20", overrides=gate)
     assert_same_tensors(load_file(str(checkpoint(stopped, 20) / "model.safetensors")),
                         load_file(str(checkpoint(straight, 20) / "model.safetensors")))
+
+
+def test_write_targets_teach_the_gate_to_write_the_needle_and_nothing_else(tmp_path,
+                                                                          data_tokenizer):
+    """optim.write_target_until_step on the passkey recipe: from step 0 the gate learns what the
+    data says to write. After 80 steps every memory layer's every key/value head writes a new
+    prompt's needle at least ten times as strongly as the rest, which it has all but closed,
+    where the gate started fully open on every token (init 1)."""
+    run = tmp_path / "targeted"
+    overrides = ["data.streams=4", "optim.warmup_steps=5", "optim.write_target_until_step=80",
+                 "optim.write_gate_below_loss=0", "optim.write_gate_from_step=80",
+                 "logging.every_steps=1", "logging.tensorboard=false",
+                 "checkpoint.every_steps=80"]
+    with intra_op_threads(1):
+        result = CliRunner().invoke(app, ["pretrain", "--recipe", "passkey-tiny", "--out-dir",
+                                          str(run), "--max-steps", "80", *sets(overrides)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    _, (error,) = TrainingLog.read(run).points("write_error")
+    assert error[0] > 0.3 and error[-1] < 0.05, error
+    model = load_model_dir(checkpoint(run, 80))
+    sample = PasskeyGenerator(data_tokenizer).sample(200, 0.5, seed=1000)
+    needle = torch.zeros(200, dtype=torch.bool)
+    needle[sample.needle_offset:sample.needle_offset + sample.needle_len] = True
+    keys = {}
+    hooks = [block.attn.k_proj.register_forward_hook(
+        lambda module, inputs, out, i=i: keys.setdefault(i, out)) for i, block in
+        enumerate(model.layers)]
+    with torch.no_grad():
+        model(sample.prompt_ids[None])
+    for hook in hooks:
+        hook.remove()
+    layers = [i for i, block in enumerate(model.layers) if block.attn.has_memory]
+    assert layers == [1, 2]
+    for i in layers:
+        k = keys[i][0].view(200, model.config.n_kv_heads, model.config.head_dim)
+        strength = model.layers[i].attn.write_strength(k).detach()
+        written, rest = strength[needle].mean(0), strength[~needle].mean(0)
+        assert (rest < 0.1).all() and (written > 10 * rest).all(), (i, written, rest)
 
 
 def test_a_run_whose_write_gate_never_started_says_so_at_the_end(tmp_path):

@@ -106,3 +106,19 @@ def test_the_write_gate_schedule_waits_for_its_step_and_the_loss_average():
     restored.load_state_dict(gate.state_dict())
     assert (restored.start, restored.loss_average) == (gate.start, gate.loss_average)
     assert WriteGateSchedule(OptimSection(write_gate_from_step=3)).trains(3)  # no threshold
+
+
+def test_write_targets_train_the_gate_from_step_0_then_the_schedule_takes_over():
+    """optim.write_target_until_step: the gate trains towards the data's targets from step 0,
+    weighted by write_penalty; from that step on it trains only as write_gate_from_step and
+    write_gate_below_loss say."""
+    from infinitrain.recipe import OptimSection
+    from infinitrain.training.write_gate import WriteGateSchedule
+
+    gate = WriteGateSchedule(OptimSection(write_target_until_step=100, write_gate_from_step=300,
+                                          write_penalty=0.5))
+    assert [gate.targets(step) for step in (0, 99, 100)] == [True, True, False]
+    assert [gate.trains(step) for step in (0, 99, 100, 299, 300)] == [
+        True, True, False, False, True]
+    assert gate.penalty_weight(0) == gate.penalty_weight(300) == 0.5
+    assert gate.penalty_weight(100) == 0.0
