@@ -277,6 +277,32 @@ def test_write_gate_starts_at_its_configured_strength() -> None:
 
 
 @pytest.mark.parametrize("activation", ["clamp", "sigmoid"])
+def test_the_write_error_counts_the_tokens_with_a_target_and_vanishes_at_a_right_gate(
+        activation) -> None:
+    """write_cost against targets: tokens without one (negative) change nothing; a gate whose
+    logits sit far on the target's side has (clamp: exactly) no error, the opposite gate a large
+    one."""
+    torch.manual_seed(4)
+    cfg = small_config(memory_rule="deltanet", memory_write_gate=True,
+                       write_gate_activation=activation)
+    attn = InfiniAttention(cfg)
+    d = cfg.head_dim
+    targets = torch.tensor([[1, 0, -1, -1, 1, 0]])
+    keys = torch.zeros(1, 6, cfg.n_kv_heads, d)
+    keys[..., 0] = torch.tensor([20.0, -20.0, 0.0, 0.0, 20.0, -20.0])[None, :, None]
+    with torch.no_grad():
+        attn.write_weight.zero_()
+        attn.write_weight[:, 0] = 1.0  # logit = the key's dimension 0
+        attn.write_bias.zero_()
+    right = attn.write_cost(keys, targets)
+    moved = keys.clone()
+    moved[:, 2:4] = torch.randn(1, 2, cfg.n_kv_heads, d) * 50  # the tokens without a target
+    assert attn.write_cost(moved, targets) == right
+    assert right < 1e-6 and (activation == "sigmoid" or right == 0)
+    assert attn.write_cost(-keys, targets) > 15
+
+
+@pytest.mark.parametrize("activation", ["clamp", "sigmoid"])
 def test_tokens_the_clamped_write_gate_closes_leave_the_memory_exactly_alone(activation) -> None:
     """With write_gate_activation 'clamp', filler whose gate logit is below 0 writes nothing, so a
     segment read after 1 or 40 segments of it sees the same memory: retrieval cannot drift with
