@@ -59,6 +59,22 @@ def test_paper_settings_of_the_large_recipes():
         assert recipe.optim.lr == 1e-4 and recipe.model_config.segment_len == 2048
 
 
+@pytest.mark.parametrize("name", ["passkey-tiny", "passkey-5k"])
+def test_passkey_training_teaches_the_write_gate_the_needle_for_the_whole_run(name):
+    """Both passkey recipes that train the write gate from an open start train it on where the
+    needle is from their first step to their last, so no loss threshold decides when it starts
+    (the start that made stage 1 chaotic), and every source is a passkey one, whose documents
+    say which tokens to write."""
+    from infinitrain.training.write_gate import WriteGateSchedule
+
+    _, recipe = load_recipe(name)
+    gate = WriteGateSchedule(recipe.optim)
+    assert gate.targets(0) and gate.targets(recipe.train.max_steps - 1)
+    assert not gate.waits_for_loss
+    assert recipe.model_config.memory_write_gate and recipe.optim.write_penalty > 0
+    assert {source.kind for source in recipe.data.sources} == {"passkey"}
+
+
 def test_set_overrides_parse_yaml_values_and_reach_list_items():
     _, recipe = load_recipe("tiny", ["optim.lr=1e-4", "data.sources.0.min_tokens=5",
                                      "train.precision=bf16-mixed", "model.segment_len=32",
