@@ -58,12 +58,16 @@ def with_context(keys: Tensor, values: Tensor, context_keys: Tensor, context_val
                  visible: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """Prepend an overlap context [b, w, H_kv, d] to keys/values [b, L, H_kv, d], with the key
     mask to pass to :func:`local_attention` (None when every context key is visible). Without a
-    context (w = 0) the inputs come back as they are."""
+    context (w = 0) the inputs come back as they are.
+
+    Compiled, the mask is always built: asking whether every key is visible reads a tensor's
+    value, which split a compiled block in two graphs, and with the second one cached by an
+    earlier run, torch 2.13 failed at the first step (an impossible shape)."""
     if visible.shape[1] == 0:
         return keys, values, None
     keys = torch.cat([context_keys, keys], dim=1)
     values = torch.cat([context_values, values], dim=1)
-    if bool(visible.all()):
+    if not torch.compiler.is_compiling() and bool(visible.all()):
         return keys, values, None
     rest = visible.new_ones(visible.shape[0], keys.shape[1] - visible.shape[1])
     return keys, values, torch.cat([visible, rest], dim=1)
