@@ -16,9 +16,12 @@ from infinitrain.data import (
     SourceConfig,
     build_source,
     build_sources,
+    build_streams,
 )
 from infinitrain.data.passkey import FILLER, NEEDLE, QUESTION, TASK
+from infinitrain.recipe import load_recipe
 from infinitrain.recipe.typed import RecipeError, dataclass_from_plain
+from infinitrain.training.data import check_sources
 
 
 def occurrences(haystack: torch.Tensor, needle: list[int]) -> list[int]:
@@ -290,3 +293,17 @@ def test_passkey_sources_in_the_same_text_share_one_tokenization(data_tokenizer,
     assert len(held_out.generator.haystack) < len(at_depth.generator.haystack)
     assert "Beta" not in data_tokenizer.decode(held_out.generator.haystack)
     assert filler.generator.haystack is None
+
+
+def test_a_run_tokenizes_its_novels_once(data_tokenizer):
+    """A run opens its sources twice, to fail before any process starts and then for its
+    streams: the streams take the novels the check tokenized instead of reading them again."""
+    _, recipe = load_recipe("passkey-tiny")
+    haystacks = check_sources(recipe, data_tokenizer)
+    assert len(haystacks) == 1  # Austen's novels less the two held out, shared by 4 sources
+    config = recipe.data.stream_config(recipe.model_config.segment_len, 0, 1)
+    streams = build_streams(recipe.data.sources, config, data_tokenizer, haystacks=haystacks)
+    in_prose = [source.generator.haystack for source in streams.sources
+                if source.generator.haystack is not None]
+    assert len(in_prose) == 4
+    assert all(haystack is next(iter(haystacks.values())) for haystack in in_prose)

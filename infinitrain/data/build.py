@@ -35,10 +35,13 @@ def build_source(config: SourceConfig, tokenizer: Tokenizer,
     return text_source(config, tokenizer)
 
 
-def build_sources(configs: Sequence[SourceConfig], tokenizer: Tokenizer) -> list[DocumentSource]:
+def build_sources(configs: Sequence[SourceConfig], tokenizer: Tokenizer,
+                  haystacks: dict[str, Tensor] | None = None) -> list[DocumentSource]:
     """The sources of one mixture. Passkey sources that hide needles in the same text share one
-    tokenization of it: a recipe with four such sources in the same novels reads them once."""
-    haystacks: dict[str, Tensor] = {}
+    tokenization of it: a recipe with four such sources in the same novels reads them once.
+    ``haystacks``: texts an earlier call tokenized (with this tokenizer) to reuse, and to which
+    this call adds its own."""
+    haystacks = {} if haystacks is None else haystacks
     return [build_source(config, tokenizer, haystacks) for config in configs]
 
 
@@ -50,7 +53,10 @@ def _haystack(config: SourceConfig, tokenizer: Tokenizer, loaded: dict[str, Tens
 
 
 def build_streams(sources: Sequence[SourceConfig], config: StreamConfig, tokenizer: Tokenizer,
-                  rank: int = 0, world_size: int = 1) -> DocumentStreams:
-    """One data-parallel rank's streams over a mixture of sources."""
-    return DocumentStreams(build_sources(sources, tokenizer), config, tokenizer.pad_id, rank,
-                           world_size, active=lambda index, step: sources[index].active_at(step))
+                  rank: int = 0, world_size: int = 1,
+                  haystacks: dict[str, Tensor] | None = None) -> DocumentStreams:
+    """One data-parallel rank's streams over a mixture of sources (``haystacks``: as for
+    :func:`build_sources`)."""
+    return DocumentStreams(build_sources(sources, tokenizer, haystacks), config, tokenizer.pad_id,
+                           rank, world_size,
+                           active=lambda index, step: sources[index].active_at(step))

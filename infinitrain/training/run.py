@@ -292,7 +292,7 @@ def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
     check_host_memory(recipe, summary.parameters)
     with owning(out_dir):
         tokenizer = resolve_tokenizer(recipe)
-        check_sources(recipe, tokenizer)
+        haystacks = check_sources(recipe, tokenizer)
         run_plan = plan(recipe, summary.parameters)
         use_threads_per_process(run_plan.devices)
         resume_from = checkpoint_to_resume(resume, out_dir)
@@ -318,7 +318,7 @@ def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
             log_hyperparameters(trainer.loggers, recipe)
             rank_zero_info(start_banner(recipe, summary, name, run_plan, out_dir, start_step,
                                         stop_at))
-            trainer.fit(module, datamodule=StreamData(recipe, tokenizer, resume_from),
+            trainer.fit(module, datamodule=StreamData(recipe, tokenizer, resume_from, haystacks),
                         ckpt_path=None if resume_from is None else resume_from / TRAINER_STATE,
                         weights_only=True)
         return TrainResult(newest_checkpoint(out_dir), totals.seconds, totals.start_step,
