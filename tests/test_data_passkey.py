@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 
 from infinitrain.data import (
     IGNORE_INDEX,
@@ -20,8 +22,10 @@ from infinitrain.data import (
 )
 from infinitrain.data.passkey import FILLER, NEEDLE, QUESTION, TASK
 from infinitrain.recipe import load_recipe
+from infinitrain.recipe.schema import ValidationSection
 from infinitrain.recipe.typed import RecipeError, dataclass_from_plain
 from infinitrain.training.data import check_sources
+from infinitrain.training.validation import Validation
 
 
 def occurrences(haystack: torch.Tensor, needle: list[int]) -> list[int]:
@@ -296,14 +300,22 @@ def test_passkey_sources_in_the_same_text_share_one_tokenization(data_tokenizer,
 
 
 def test_a_run_tokenizes_its_novels_once(data_tokenizer):
-    """A run opens its sources twice, to fail before any process starts and then for its
-    streams: the streams take the novels the check tokenized instead of reading them again."""
+    """A run opens its sources first to fail before any process starts, then for its training
+    and validation streams: the streams take the novels the check tokenized instead of reading
+    them again."""
     _, recipe = load_recipe("passkey-tiny")
+    in_prose_source = recipe.data.sources[-1]
+    recipe = replace(recipe, data=replace(recipe.data, validation=ValidationSection(
+        sources=[in_prose_source], every_steps=recipe.logging.every_steps)))
     haystacks = check_sources(recipe, data_tokenizer)
-    assert len(haystacks) == 1  # Austen's novels less the two held out, shared by 4 sources
+    assert len(haystacks) == 1  # Austen's novels less the two held out, shared by 5 sources
+    (novels,) = haystacks.values()
     config = recipe.data.stream_config(recipe.model_config.segment_len, 0, 1)
     streams = build_streams(recipe.data.sources, config, data_tokenizer, haystacks=haystacks)
     in_prose = [source.generator.haystack for source in streams.sources
                 if source.generator.haystack is not None]
     assert len(in_prose) == 4
-    assert all(haystack is next(iter(haystacks.values())) for haystack in in_prose)
+    assert all(haystack is novels for haystack in in_prose)
+    validation = Validation(recipe, data_tokenizer, haystacks)
+    validation.setup(Trainer(accelerator="cpu", devices=1, logger=False), None, "fit")
+    assert validation.streams.sources[0].generator.haystack is novels

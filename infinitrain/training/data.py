@@ -48,8 +48,8 @@ class StreamData(LightningDataModule):
 
 def check_sources(recipe: Recipe, tokenizer: Tokenizer) -> dict[str, Tensor]:
     """Open every data source now, so that a missing dataset fails before any process starts.
-    Returns the passkey haystacks it tokenized, for the training streams to reuse (the novels
-    of the passkey recipes take 1.1-1.5 s)."""
+    Returns the passkey haystacks it tokenized, for the training and validation streams to
+    reuse (the novels of the passkey recipes take 1.1-1.5 s)."""
     validation = recipe.data.validation
     haystacks: dict[str, Tensor] = {}
     build_sources(recipe.data.sources + (validation.sources if validation else []), tokenizer,

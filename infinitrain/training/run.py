@@ -309,7 +309,8 @@ def train(recipe: Recipe, name: str, out_dir: Path, resume: str | None = None,
             check_init(recipe.model.init, recipe.model_config)
         stop_at = stop_at or recipe.train.max_steps
         totals = RunTotals()
-        validation = None if recipe.data.validation is None else Validation(recipe, tokenizer)
+        validation = (None if recipe.data.validation is None
+                      else Validation(recipe, tokenizer, haystacks))
         module = StreamingLM(recipe, init=init, resume_from=resume_from,
                              apply_optim_changes=apply_optim_changes)
         with quiet_lightning():

@@ -14,6 +14,7 @@ from itertools import islice
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
 
 from ..data import IGNORE_INDEX, Tokenizer, build_streams
 from ..data.streams import DocumentStreams
@@ -25,11 +26,14 @@ class Validation(Callback):
     """Logs ``val_loss`` and ``val_perplexity`` (mean over every rank's supervised tokens) and
     keeps the last result for the run's summary."""
 
-    def __init__(self, recipe: Recipe, tokenizer: Tokenizer) -> None:
+    def __init__(self, recipe: Recipe, tokenizer: Tokenizer,
+                 haystacks: dict[str, Tensor] | None = None) -> None:
+        """``haystacks``: the passkey texts :func:`check_sources` already tokenized."""
         assert recipe.data.validation is not None
         self.recipe = recipe
         self.section = recipe.data.validation
         self.tokenizer = tokenizer
+        self.haystacks = haystacks
         self.streams: DocumentStreams | None = None
         self.start: dict | None = None
         """The streams' position before their first window: every evaluation restarts there."""
@@ -41,7 +45,7 @@ class Validation(Callback):
         config = data.stream_config(self.recipe.model_config.segment_len, self.recipe.train.seed,
                                     windows_per_step=1)
         self.streams = build_streams(self.section.sources, config, self.tokenizer,
-                                     trainer.global_rank, trainer.world_size)
+                                     trainer.global_rank, trainer.world_size, self.haystacks)
         self.start = self.streams.state_dict()
 
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch,
