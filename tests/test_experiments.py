@@ -94,6 +94,19 @@ def test_the_shipped_stage_1_repeats_its_four_late_sources_in_held_out_prose():
     assert stage_1.model_config.memory_from_layer == 1
 
 
+def test_the_shipped_stage_1_supervises_every_prompt_token_of_its_first_phase_only():
+    """The first phase's 2-segment prompts are language-modelled whole, so the copy forms early
+    whatever the rounding (with the answer alone, seed 3 at two threads never formed it); later
+    phases supervise the answer and the key's copy, as the report's figures assume."""
+    from infinitrain.recipe import load_recipe
+
+    _, stage_1 = load_recipe("passkey-tiny")
+    first, *later = stage_1.data.sources
+    assert first.until_step == 800 and first.supervise_prompt
+    assert not any(source.supervise_prompt for source in later)
+    assert all(source.supervise_key_copy for source in later)
+
+
 def test_without_digits_copies_a_haystack_less_its_digits(tmp_path):
     import json
 
