@@ -108,16 +108,16 @@ def _zero3_rank(rank: int, world_size: int, port: int, function: Callable[[], An
     set_accelerator(CPU_Accelerator())
     deepspeed.init_distributed("gloo")
     result = function()
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()  # no rank ends while the other still talks to it
     if rank == 0:
         results.put(result)
         results.close()
         results.join_thread()  # in the pipe before the process ends
     # About one run in fifteen, the interpreter's teardown aborted a rank whose work was done
     # ("terminate called without an active exception": a native thread of the distributed
-    # libraries still joinable at exit). Nothing is left to tear down, so end here; an error in
-    # ``function`` still ends the process with a non-zero code above.
+    # libraries still joinable at exit; destroying the process group first did not prevent it).
+    # Nothing is left to tear down, so end here; an error in ``function`` still ends the process
+    # with a non-zero code above.
     os._exit(0)
 
 
