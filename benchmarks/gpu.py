@@ -9,11 +9,12 @@
 5. Memory retrieve/update in fp32 vs bf16 inputs: error against a float64 reference.
 
     PYTHONPATH=. python3 benchmarks/gpu.py --json $OUT/gpu.json          # H100 / H200
+    PYTHONPATH=. python3 benchmarks/gpu.py --recipe recipes/1b.yaml --sections training --compile
     python benchmarks/gpu.py --preset tiny --device cpu --json smoke.json   # CPU smoke check
 
-Needs only torch and the repository (not an installed package): the lent GPU image has no
-network and lacks the data pipeline's dependencies. Prints one results block; ``--json`` writes
-the same figures.
+Needs only torch and the repository (not an installed package); ``--recipe`` also needs the
+data pipeline's dependencies, which the recipe module imports. Prints one results block;
+``--json`` writes the same figures.
 """
 
 from __future__ import annotations
@@ -124,12 +125,15 @@ no memory work at all (the clean baseline of the overhead)."""
 
 def train_benchmark(config: ModelConfig, device: torch.device, batch: int, segments: int,
                     steps: int, warmup: int, rounds: int, peak_tflops: float | None,
-                    matmul_ceiling: float) -> dict[str, Any]:
+                    matmul_ceiling: float, compile: bool = False) -> dict[str, Any]:
     """Time full training steps of each variant, ``rounds`` times in turn (the spread between
-    rounds is the noise floor of the comparison)."""
+    rounds is the noise floor of the comparison). ``compile``: the blocks compiled as under
+    ``train.compile``; each variant's first step, timed apart, pays its compilation."""
     with torch.device(device):
         model = InfiniTransformer(config)
     model.activation_checkpointing = True
+    if compile:
+        model.compile_blocks(dynamic=False)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     tokens = batch * segments * config.segment_len
@@ -148,6 +152,7 @@ def train_benchmark(config: ModelConfig, device: torch.device, batch: int, segme
         optimizer.zero_grad(set_to_none=True)
         states[name] = state.detach()  # carried, as in truncated BPTT
 
+    first_step_s = {name: timed(lambda n=name: step(n), device, 0, 1)[0] for name in VARIANTS}
     times: dict[str, list[list[float]]] = {name: [] for name in VARIANTS}
     peaks: dict[str, int | None] = dict.fromkeys(VARIANTS)
     for _ in range(rounds):
@@ -157,7 +162,7 @@ def train_benchmark(config: ModelConfig, device: torch.device, batch: int, segme
             peak = peak_bytes(device)
             peaks[name] = None if peak is None else max(peak, peaks[name] or 0)
 
-    results: dict[str, Any] = {"tokens_per_step": tokens}
+    results: dict[str, Any] = {"tokens_per_step": tokens, "compiled": compile}
     for name, use_memory in VARIANTS.items():
         seconds = statistics.median(t for round_times in times[name] for t in round_times)
         round_medians = [statistics.median(r) for r in times[name]]
@@ -171,6 +176,7 @@ def train_benchmark(config: ModelConfig, device: torch.device, batch: int, segme
             "mfu": ratio(tflops, peak_tflops),
             "mfu_of_measured_matmul": tflops / matmul_ceiling,
             "peak_gib": gib(peaks[name]),
+            "first_step_s": first_step_s[name],
         }
     results["overhead_vs_local_only"] = (results["infini"]["step_s"]
                                          / results["local_only"]["step_s"])
@@ -382,15 +388,16 @@ def report(results: dict[str, Any]) -> str:
     if "error" in train:
         lines.append(f"training: FAILED: {train['error']}")
     elif train:
-        lines.append("training (bf16 autocast, activation checkpointing, AdamW):")
+        compiled = ", blocks compiled" if train["compiled"] else ""
+        lines.append(f"training (bf16 autocast, activation checkpointing, AdamW{compiled}):")
         lines.append(f"  {'variant':<18}{'step s':>9}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}"
-                     f"{'MFU/matmul':>11}{'peak GiB':>10}{'spread':>8}")
+                     f"{'MFU/matmul':>11}{'peak GiB':>10}{'spread':>8}{'first s':>9}")
         for name in VARIANTS:
             r = train[name]
             lines.append(
                 f"  {name:<18}{r['step_s']:>9.3f}{r['tokens_per_s']:>12,.0f}{r['tflops']:>11.4g}"
                 f"{_fmt(r['mfu'], '.1%'):>7}{r['mfu_of_measured_matmul']:>11.1%}"
-                f"{_fmt(r['peak_gib'], '.2f'):>10}{r['spread']:>8.1%}")
+                f"{_fmt(r['peak_gib'], '.2f'):>10}{r['spread']:>8.1%}{r['first_step_s']:>9.1f}")
         lines.append(f"  Infini overhead: {train['overhead_vs_local_only']:.3f}× step time vs "
                      "local only")
     pre = results.get("prefill", {})
@@ -443,6 +450,9 @@ def report(results: dict[str, Any]) -> str:
 # Main
 
 
+SECTIONS = ("training", "prefill", "attention", "memory_precision")
+
+
 def device_info(device: torch.device, matmul_size: int) -> dict[str, Any]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -463,6 +473,13 @@ def device_info(device: torch.device, matmul_size: int) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="1b")
+    parser.add_argument("--recipe", default=None,
+                        help="take the model from this recipe (a name or YAML file) instead of "
+                             "--preset: its memory rule, write gate and memory layers")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the blocks for the training section (train.compile)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=1, help="streams per training step")
     parser.add_argument("--segments", type=int, default=None,
@@ -479,6 +496,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="prefill lengths (default 32768 1048576; 1024 8192 on CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    args.sections = args.sections.split(",")
+    if unknown := set(args.sections) - set(SECTIONS):
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(SECTIONS)}")
     gpu = torch.device(args.device).type == "cuda"
     args.segments = args.segments or (16 if gpu else 2)
     args.steps = args.steps or (5 if gpu else 1)
@@ -492,13 +513,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = preset(args.preset)
+    if args.recipe:
+        from infinitrain.recipe import load_recipe
+
+        config = load_recipe(args.recipe)[1].model_config
+    else:
+        config = preset(args.preset)
     forward = forward_flops_per_token(config)
     results: dict[str, Any] = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device": device_info(device, 8192 if device.type == "cuda" else 256),
         "model": {
-            "preset": args.preset, "memory_rule": config.memory_rule,
+            "preset": args.recipe or args.preset, "memory_rule": config.memory_rule,
             "segment_len": config.segment_len, "segments": args.segments, "batch": args.batch,
             "matmul_params": forward["dense"] // 2,
             "forward_flops_per_token": forward,
@@ -510,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, Callable[[], dict[str, Any]]] = {
         "training": lambda: train_benchmark(config, device, args.batch, args.segments,
                                             args.steps, args.warmup, args.rounds, peak,
-                                            ceiling),
+                                            ceiling, args.compile),
         "prefill": lambda: prefill_benchmark(config, device, args.prefill_tokens),
         "attention": lambda: attention_benchmark(config, device, args.batch * args.segments,
                                                  repeats=2 * args.steps),
@@ -518,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     failed = False
     for name, run in sections.items():
+        if name not in args.sections:
+            continue
         start = time.perf_counter()
         try:
             results[name] = run()

@@ -111,6 +111,25 @@ def test_cpu_smoke_run_writes_the_results_json(gpu: ModuleType, tmp_path: Path,
     assert 1e-4 < precision["delta"]["bf16"]["retrieve"] < 5e-2
 
 
+
+def test_a_recipe_model_and_chosen_sections(gpu: ModuleType, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``--recipe`` benchmarks the model a recipe trains (the 1b recipe's is gated deltanet, not
+    the preset's delta); ``--sections`` runs those alone; a misspelt section fails in one line."""
+    out = tmp_path / "gpu.json"
+    code = gpu.main(["--recipe", "passkey-tiny", "--device", "cpu", "--segments",
+                     "1", "--steps", "1", "--warmup", "0", "--sections",
+                     "training,memory_precision", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results) == {"args", "device", "model", "training", "memory_precision"}
+    assert results["model"]["memory_rule"] == "deltanet"
+    assert results["training"]["compiled"] is False
+    assert results["training"]["infini"]["first_step_s"] > 0
+    with pytest.raises(SystemExit):
+        gpu.main(["--device", "cpu", "--sections", "training,prefil"])
+    assert "--sections: unknown prefil" in capsys.readouterr().err
+
 # ----------------------------------------------------------------------------------------------
 # benchmarks/timing.py and benchmarks/peers.py
 
