@@ -40,6 +40,25 @@ def test_fused_loss_equals_the_plain_one_in_value_and_gradients(monkeypatch, chu
         torch.testing.assert_close(got, 3.0 * want)
 
 
+def test_the_cpu_logits_buffer_is_reused_and_never_read_beyond_a_call(monkeypatch):
+    """On a CPU one chunk-sized buffer serves every call (a fresh one costs page faults each
+    step); a call with fewer targets than the last reads none of the last call's rows."""
+    monkeypatch.setattr(training_loss, "LOSS_CHUNK_TOKENS", 64)
+    hidden, labels, head = example()
+    supervised_loss_sum(hidden, labels, head).backward()  # 55 targets fill the buffer
+    buffer = training_loss._logits_buffer(10, 50, torch.float32, torch.device("cpu"))
+    fewer = labels.clone()
+    fewer[1, 10:] = IGNORE_INDEX  # 10 targets
+    expected, expected_grads = plain_loss_and_grads(hidden, fewer, head)
+    loss = supervised_loss_sum(hidden, fewer, head)
+    grads = torch.autograd.grad(loss, [hidden, head.weight])
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    again = training_loss._logits_buffer(10, 50, torch.float32, torch.device("cpu"))
+    assert again.data_ptr() == buffer.data_ptr() and again.shape == (10, 50)
+
+
 def test_the_head_module_path_for_sharded_weights_equals_the_plain_one(monkeypatch):
     """The path ZeRO-3 and FSDP take (the head's own forward, chunks recomputed)."""
     hidden, labels, head = example()

@@ -8,7 +8,10 @@ two matmuls for the gradients of the hidden states and of the output weight. Aga
 ``cross_entropy(head(hidden))`` this skips the log-softmax backward and its zero-filled gradient
 buffer, and holds one chunk's logits at a time without recomputing any in the backward, which
 only scales the stored gradients by the loss's own gradient (1.19× faster for the output layer +
-loss of the ``tiny`` model on a window of 1,024 tokens, on one CPU thread).
+loss of the ``tiny`` model on a window of 1,024 tokens, on one CPU thread). Each chunk's logits,
+log-probabilities and gradients share one buffer, which on a CPU is kept for the next step
+(``LOSS_CHUNK_TOKENS`` × vocabulary float32 values: 64 MiB for the bundled 4,096-token
+vocabulary): the results are bit-identical, and the ``tiny`` training step 1.10-1.20× faster.
 
 Where the output weight is sharded and gathered only inside the head's own forward (DeepSpeed
 ZeRO-3), the loss calls the head module instead, chunk by chunk, recomputing the logits of every
@@ -17,6 +20,8 @@ root unit's output weight is whole.)
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -66,10 +71,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), device=hidden.device)
             grad_hidden = torch.empty_like(h) if with_gradients else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_gradients else None
+            buffer = _logits_buffer(min(len(targets), LOSS_CHUNK_TOKENS), len(w), dtype,
+                                    hidden.device)
             for start in range(0, len(targets), LOSS_CHUNK_TOKENS):
                 part = slice(start, start + LOSS_CHUNK_TOKENS)
-                log_probs = torch.log_softmax((h[part] @ w.T).float(), dim=-1)
                 target = targets[part, None]
+                logits = torch.matmul(h[part], w.T, out=buffer[:len(target)])
+                if logits.dtype == torch.float32:
+                    log_probs = torch.log_softmax(logits, dim=-1, out=logits)
+                else:
+                    log_probs = torch.log_softmax(logits.float(), dim=-1)
                 total -= log_probs.gather(1, target).sum()
                 if not with_gradients:
                     continue
@@ -88,6 +99,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         return ((grad_hidden * grad_total).to(hidden_dtype),
                 (grad_weight * grad_total).to(weight_dtype), None, None)
+
+
+def _logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Room for ``rows`` logits, overwritten in place by their log-probabilities and then by
+    their gradients. On a CPU one buffer of a whole chunk serves every step: a fresh one of tens
+    of MB comes from the operating system as untouched pages, and faulting them in cost a fifth
+    of the ``tiny`` model's training step (4 streams × 16 segments, one thread). Elsewhere the
+    framework's caching allocator already reuses memory."""
+    if device.type == "cpu":
+        return _cpu_logits_buffer(LOSS_CHUNK_TOKENS, vocab, dtype)[:rows]
+    return torch.empty(rows, vocab, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_logits_buffer(chunk_tokens: int, vocab: int, dtype: torch.dtype) -> Tensor:
+    return torch.empty(chunk_tokens, vocab, dtype=dtype)
 
 
 def _module_loss_sum(hidden: Tensor, targets: Tensor, head: nn.Module) -> Tensor:
