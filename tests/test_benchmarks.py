@@ -243,3 +243,16 @@ def test_before_after_times_another_checkout_against_this_one(tmp_path: Path) ->
     assert rates["before"] > 0 and rates["after"] > 0
     assert result["after_over_before"] == pytest.approx(rates["after"] / rates["before"])
     assert "after/before" in done.stdout
+
+
+def test_the_matmul_bound_counts_the_matrix_products_of_a_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/matmul_bound.py: the profiled time of a step's matrix products, and nothing
+    else (the step's elementwise work is left out)."""
+    bound = load_benchmark("matmul_bound", monkeypatch)
+    a = torch.randn(256, 256)
+    big = torch.randn(2048, 2048)
+    only_matmul = bound.matmul_seconds(lambda: a @ a)
+    with_elementwise = bound.matmul_seconds(lambda: (a @ a, big.exp(), big.sin()))
+    assert only_matmul > 0
+    assert with_elementwise < 3 * only_matmul  # exp and sin of 4M values are not counted
