@@ -1,8 +1,10 @@
 """CPU benchmark of the core model, printed as ratios measured side by side in one run.
 
 1. Throughput: a window of k segments in one call (all segments' local attention batched) vs the
-   same tokens fed one segment per call, forward+backward and forward-only. After a warm-up call
-   of each, the two take turns for --repeats rounds (benchmarks/timing.py); medians over rounds.
+   same tokens fed one segment per call, forward+backward and forward-only, each with the
+   trainer's loss (the fused output layer + cross-entropy), so that both read the logits alike and
+   what differs is the model's own work. After a warm-up call of each, the two take turns for
+   --repeats rounds (benchmarks/timing.py); medians over rounds.
 2. Bounded memory: peak RSS of a streaming forward over 16K vs 256K tokens, each in a fresh process.
 
     python benchmarks/model_cpu.py [--preset tiny] [--segments 16] [--repeats 3]
@@ -15,10 +17,10 @@ import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 from timing import interleaved, median_rate  # benchmarks/ is on sys.path when run as a script
 
 from infinitrain.model import InfiniTransformer, preset
+from infinitrain.training.loss import supervised_loss_sum
 
 
 def throughput(model: InfiniTransformer, batch: int, segments: int, repeats: int) -> dict:
@@ -26,19 +28,20 @@ def throughput(model: InfiniTransformer, batch: int, segments: int, repeats: int
     ids = torch.randint(0, model.config.vocab_size, (batch, segments * n))
     targets = torch.randint(0, model.config.vocab_size, (batch, segments * n))
 
-    def loss(logits, labels):  # summed, so both variants backpropagate the same gradient
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    def loss(hidden, labels):  # summed, so both variants backpropagate the same gradient
+        return supervised_loss_sum(hidden, labels, model.lm_head)
 
     def window(backward: bool):
-        logits, _ = model(ids)
+        hidden, _ = model.hidden_states(ids)
+        total = loss(hidden, targets)
         if backward:
-            loss(logits, targets).backward()
+            total.backward()
 
     def per_segment(backward: bool):
         state, total = None, 0.0
         for s in range(segments):
-            logits, state = model(ids[:, s * n:(s + 1) * n], state)
-            total = total + loss(logits, targets[:, s * n:(s + 1) * n])
+            hidden, state = model.hidden_states(ids[:, s * n:(s + 1) * n], state)
+            total = total + loss(hidden, targets[:, s * n:(s + 1) * n])
         if backward:
             total.backward()
 
