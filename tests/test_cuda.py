@@ -15,9 +15,9 @@ import copy
 
 import pytest
 import torch
+from test_model_equivalence import MODEL_RULES, chunked_forward, randomise_gates, small_config
 
 from infinitrain.model import InfiniTransformer
-from tests.test_model_equivalence import MODEL_RULES, chunked_forward, randomise_gates, small_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
