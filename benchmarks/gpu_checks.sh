@@ -5,10 +5,14 @@
 #      flash-attn, memory precision in bf16;
 #   2. the same training step with the blocks compiled (train.compile);
 #   3. tests/test_cuda.py: float32 equal to the CPU, chunk invariance in bf16, compiled = eager;
-#   4. `pretrain --recipe recipes/1b.yaml` under ZeRO-3 on this one GPU, on the bundled books and tokenizer:
+#   4. `pretrain --recipe 1b` under ZeRO-3 on this one GPU, on the bundled books and tokenizer:
 #      5 steps, a checkpoint, `--resume auto` to step 10, `export hf`, and the export generating.
 #
-#   bash benchmarks/gpu_checks.sh [LOG_DIR]        # from the repository root; LOG_DIR: gpu-checks
+#   bash benchmarks/gpu_checks.sh [LOG_DIR [GROUP ...]]   # from the repository root
+#
+# LOG_DIR defaults to gpu-checks; GROUPs pick some of the checks: benchmark (1, 2), tests (3),
+# zero3 (4); all of them by default. About 5 minutes for benchmark + tests, 5 for zero3: split
+# them where one command has a time limit.
 #
 # Each step has its own time limit and a failing step does not stop the others; LOG_DIR keeps each
 # step's log and the benchmark's JSON. Needs the project's dependencies importable (an installed
@@ -16,6 +20,14 @@
 # checkpoints (RUN_DIR, default /tmp/infinitrain-gpu-checks).
 set -u
 LOG_DIR=${1:-gpu-checks}
+GROUPS_WANTED=" ${*:2} "
+[ "$GROUPS_WANTED" = "  " ] && GROUPS_WANTED=" benchmark tests zero3 "
+for group in $GROUPS_WANTED; do
+    case $group in benchmark|tests|zero3) ;; *)
+        echo "unknown group '$group': choose from benchmark, tests, zero3" >&2; exit 2;;
+    esac
+done
+wanted() { [[ $GROUPS_WANTED == *" $1 "* ]]; }
 RUN_DIR=${RUN_DIR:-/tmp/infinitrain-gpu-checks}
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -39,10 +51,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to LOG_DIR/
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 } | tee "$LOG_DIR/device.txt"
 
-step gpu-1b 180 "$PYTHON" benchmarks/gpu.py --recipe recipes/1b.yaml --json "$LOG_DIR/gpu-1b.json"
-step gpu-1b-compiled 240 "$PYTHON" benchmarks/gpu.py --recipe recipes/1b.yaml --sections training --compile \
-    --json "$LOG_DIR/gpu-1b-compiled.json"
-step cuda-tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+if wanted benchmark; then
+    step gpu-1b 180 "$PYTHON" benchmarks/gpu.py --recipe recipes/1b.yaml --json "$LOG_DIR/gpu-1b.json"
+    step gpu-1b-compiled 240 "$PYTHON" benchmarks/gpu.py --recipe recipes/1b.yaml --sections training \
+        --compile --json "$LOG_DIR/gpu-1b-compiled.json"
+fi
+wanted tests && step cuda-tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+wanted zero3 || exit $failed
 
 SMALL_DATA=(--set data.tokenizer=data/tokenizer
             --set "data.sources=[{files: [data/books/austen.jsonl.gz, data/books/kjv.jsonl.gz]}]"
