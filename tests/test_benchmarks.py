@@ -111,7 +111,6 @@ def test_cpu_smoke_run_writes_the_results_json(gpu: ModuleType, tmp_path: Path,
     assert 1e-4 < precision["delta"]["bf16"]["retrieve"] < 5e-2
 
 
-
 def test_a_recipe_model_and_chosen_sections(gpu: ModuleType, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """``--recipe`` benchmarks the model a recipe trains (the 1b recipe's is gated deltanet, not
@@ -129,6 +128,7 @@ def test_a_recipe_model_and_chosen_sections(gpu: ModuleType, tmp_path: Path,
     with pytest.raises(SystemExit):
         gpu.main(["--device", "cpu", "--sections", "training,prefil"])
     assert "--sections: unknown prefil" in capsys.readouterr().err
+
 
 # ----------------------------------------------------------------------------------------------
 # benchmarks/timing.py and benchmarks/peers.py
