@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from infinitrain.layout import MODEL_CONFIG_FILE
 from infinitrain.model import (
@@ -356,3 +358,45 @@ def test_a_reset_erases_even_a_non_finite_memory(rule) -> None:
     assert torch.isfinite(logits[:, n:]).all()
     for layer in after.layers:
         assert torch.isfinite(layer.memory).all() and torch.isfinite(layer.norm).all()
+
+
+class ElementsWritten(TorchDispatchMode):
+    """Counts the elements every operation run under it writes: the work of a computation,
+    independent of the machine's speed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.elements += sum(t.numel() for t in pytree.tree_leaves(out)
+                             if isinstance(t, torch.Tensor))
+        return out
+
+
+@pytest.mark.parametrize("rule", ["delta", "deltanet"])
+@pytest.mark.parametrize("with_reset", [False, True])
+def test_the_scanned_memorys_backward_grows_linearly_with_the_segments(rule, with_reset) -> None:
+    """The rules that scan segment by segment do linear work in backward too: a 16-segment
+    window's backward writes at most 4 × (1 + 25%) as many elements as a 4-segment one's. (Indexing
+    each segment inside the loop made it quadratic: every index's backward writes a zero
+    gradient the size of the whole window.)"""
+
+    def backward_elements(segments: int) -> int:
+        torch.manual_seed(0)
+        b, h, n, d = 2, 2, 8, 4
+        sigma_k = mem.feature_map(torch.randn(b, segments, h, n, d), rule).requires_grad_()
+        sigma_q = mem.feature_map(torch.randn(b, segments, h, n, d), rule).requires_grad_()
+        values = torch.randn(b, segments, h, n, d, requires_grad=True)
+        reset = torch.zeros(b, segments, dtype=torch.bool)
+        reset[1, segments // 2] = True
+        retrieved, memory, norm = mem.scan(sigma_q, sigma_k, values, torch.zeros(b, h, d, d),
+                                           torch.zeros(b, h, d), rule,
+                                           reset if with_reset else None)
+        loss = retrieved.square().sum() + memory.sum() + norm.sum()
+        with ElementsWritten() as counter:
+            loss.backward()
+        return counter.elements
+
+    assert backward_elements(16) <= 4 * 1.25 * backward_elements(4)

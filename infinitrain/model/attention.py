@@ -159,8 +159,7 @@ class InfiniAttention(nn.Module):
                                        memory)
             outputs.append(out)
 
-        local, retrieved = (torch.cat(parts, dim=1) if parts[0] is not None else None
-                            for parts in zip(*outputs, strict=True))
+        local, retrieved = (joined(parts) for parts in zip(*outputs, strict=True))
         if memory:
             g = torch.sigmoid(self.gate.float())[:, None]
             mixed = g * retrieved + (1 - g) * local  # float32 by promotion, without a copy
@@ -261,8 +260,8 @@ class InfiniAttention(nn.Module):
         """
         matrix, norm, visible = state.memory, state.norm, state.context_visible
         if reset is not None:
-            matrix = torch.where(reset[:, None, None, None], torch.zeros_like(matrix), matrix)
-            norm = torch.where(reset[:, None, None], torch.zeros_like(norm), norm)
+            matrix = torch.where(reset[:, None, None, None], 0.0, matrix)
+            norm = torch.where(reset[:, None, None], 0.0, norm)
             visible = visible & ~reset[:, None]
         keys = torch.cat([state.keys, k], dim=1)
         values = torch.cat([state.values, v], dim=1)
@@ -286,6 +285,15 @@ class InfiniAttention(nn.Module):
             new_state = replace(closing_segment(new_state, keys, values, self.config.local_overlap),
                                 keys=keys[:, :0], values=values[:, :0])
         return (local, retrieved), new_state
+
+
+def joined(pieces: tuple[Tensor | None, ...]) -> Tensor | None:
+    """Consecutive pieces [B, T_i, ...] of one output as one along T (None when they are None:
+    no memory was read). A lone piece, the whole-segment training path's, is returned as
+    it is rather than copied."""
+    if pieces[0] is None:
+        return None
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 def closing_segment(state: LayerState, keys: Tensor, values: Tensor, overlap: int) -> LayerState:

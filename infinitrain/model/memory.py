@@ -65,8 +65,8 @@ class MemoryRule:
         numerator = sigma_q @ memory
         denominator = sigma_q @ norm.unsqueeze(-1)
         written = denominator > 0
-        safe = torch.where(written, denominator, torch.ones_like(denominator))
-        return torch.where(written, numerator / safe, torch.zeros_like(numerator))
+        safe = torch.where(written, denominator, 1.0)
+        return torch.where(written, numerator / safe, 0.0)
 
     def memories(self, sigma_k: Tensor, values: Tensor, memory: Tensor, norm: Tensor,
                  reset: Tensor | None = None,
@@ -142,15 +142,13 @@ class DeltaRule(MemoryRule):
         key_norms = sigma_k @ norms[:, :-1, ..., None]
         written = key_norms > 0
         inverse = torch.where(written, 1 / torch.where(written, key_norms, 1.0), 0.0)
-        keys_t = sigma_k.transpose(-1, -2)
 
-        def step(s: int, memory: Tensor) -> Tensor:
-            residual = torch.addcmul(values[:, s], sigma_k[:, s] @ memory, inverse[:, s],
-                                     value=-1)
-            return torch.baddbmm(memory.flatten(0, -3), keys_t[:, s].flatten(0, -3),
+        def step(memory: Tensor, keys: Tensor, values: Tensor, inverse: Tensor) -> Tensor:
+            residual = torch.addcmul(values, keys @ memory, inverse, value=-1)
+            return torch.baddbmm(memory.flatten(0, -3), keys.transpose(-1, -2).flatten(0, -3),
                                  residual.flatten(0, -3)).view_as(memory)
 
-        return scanned(memory, step, sigma_k.shape[1], reset), norms
+        return scanned(memory, step, reset, sigma_k, values, inverse), norms
 
     def flops_per_token(self, query_heads: int, kv_heads: int, head_dim: int,
                         segment_len: int) -> int:
@@ -193,12 +191,13 @@ class DeltaNetRule(MemoryRule):
             gram, right = strength[..., None] * gram, strength[..., None] * right
         solved = torch.linalg.solve_triangular(gram, right, upper=False, unitriangular=True)
         from_values, from_memory = solved[..., :d_v], solved[..., d_v:]
-        keys_t = sigma_k.transpose(-1, -2)
 
-        def step(s: int, memory: Tensor) -> Tensor:
-            return memory + keys_t[:, s] @ (from_values[:, s] - from_memory[:, s] @ memory)
+        def step(memory: Tensor, keys: Tensor, from_values: Tensor,
+                 from_memory: Tensor) -> Tensor:
+            return memory + keys.transpose(-1, -2) @ (from_values - from_memory @ memory)
 
-        return scanned(memory, step, sigma_k.shape[1], reset), self.norms(sigma_k, norm, reset)
+        return (scanned(memory, step, reset, sigma_k, from_values, from_memory),
+                self.norms(sigma_k, norm, reset))
 
     def flops_per_token(self, query_heads: int, kv_heads: int, head_dim: int,
                         segment_len: int) -> int:
@@ -281,17 +280,22 @@ def _holds(reset: Tensor) -> Tensor:
     return (position[:, None] >= position[None, :]) & (between == 0)
 
 
-def scanned(memory: Tensor, step: Callable[[int, Tensor], Tensor], segments: int,
-            reset: Tensor | None) -> Tensor:
-    """M before each of ``segments`` segments and after the last [B, S + 1, ...], from M before
-    the first [B, ...] and ``step(s, M) -> M`` writing segment s; reset [B, S] empties a
-    stream's memory before that segment."""
+def scanned(memory: Tensor, step: Callable[..., Tensor], reset: Tensor | None,
+            *per_segment: Tensor) -> Tensor:
+    """M before each of S segments and after the last [B, S + 1, ...], from M before the first
+    [B, ...] and ``step(M, *segment s of each per_segment tensor) -> M`` writing segment s;
+    per_segment tensors are [B, S, ...]; reset [B, S] empties a stream's memory before that
+    segment.
+
+    The segments are split off once (``unbind``), not indexed inside the loop: the backward of
+    an index is a zero tensor of the whole input with the one segment's gradient in it, S of
+    them added up per input, which made the backward quadratic in the window's segments."""
     states = []
-    for s in range(segments):
+    for s, segment in enumerate(zip(*(t.unbind(1) for t in per_segment), strict=True)):
         if reset is not None:
             emptied = reset[:, s].view(-1, *[1] * (memory.dim() - 1))
-            memory = torch.where(emptied, torch.zeros_like(memory), memory)
+            memory = torch.where(emptied, 0.0, memory)
         states.append(memory)
-        memory = step(s, memory)
+        memory = step(memory, *segment)
     states.append(memory)
     return torch.stack(states, dim=1)
