@@ -104,3 +104,24 @@ def test_a_rank_without_targets_still_reaches_every_head_parameter():
     loss.backward()
     assert loss.item() == 0.0
     assert head.weight.grad is not None and not head.weight.grad.any()
+
+
+def test_a_fully_supervised_window_is_read_in_place_and_its_loss_equals_the_masked_one():
+    """With every position supervised the loss reads the hidden states as they lie (no masked
+    copy, whose backward would scatter into a window-sized zero tensor), with the very same
+    loss and gradients as selecting them by mask."""
+    hidden, labels, head = example()
+    labels[0, :25] = 3  # every position supervised
+    rows, targets = training_loss.supervised(hidden, labels)
+    assert rows.data_ptr() == hidden.data_ptr() and rows.shape == (80, 16)
+    assert torch.equal(targets, labels.flatten())
+    loss = supervised_loss_sum(hidden, labels, head)
+    grads = torch.autograd.grad(loss, [hidden, head.weight])
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    masked = training_loss._LinearCrossEntropy.apply(hidden[mask], head.weight, labels[mask], True)
+    masked_grads = torch.autograd.grad(masked, [hidden, head.weight])
+    assert torch.equal(loss, masked)
+    for got, want in zip(grads, masked_grads, strict=True):
+        assert torch.equal(got, want)
+    partial = training_loss.supervised(hidden, example()[1])[0]
+    assert partial.shape == (55, 16)

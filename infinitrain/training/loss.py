@@ -43,11 +43,21 @@ def supervised_loss_sum(hidden: Tensor, labels: Tensor, head: nn.Linear) -> Tens
     Every parameter of the head takes part in the backward even when there is no supervised
     token (a zero gradient): DDP and ZeRO expect a gradient for every parameter on every rank.
     """
-    mask = labels != IGNORE_INDEX
-    hidden, targets = hidden[mask], labels[mask]
+    hidden, targets = supervised(hidden, labels)
     if _gathered_only_in_forward(head.weight):
         return _module_loss_sum(hidden, targets, head)
     return _LinearCrossEntropy.apply(hidden, head.weight, targets, torch.is_grad_enabled())
+
+
+def supervised(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The hidden states [n, d] and labels [n] of the positions whose label is not IGNORE_INDEX.
+    Where every position is supervised (pretraining), the same rows in the same order as a
+    view: selecting them by mask would copy the hidden states, and its backward scatter their
+    gradient into a zero tensor of the window's size."""
+    mask = labels != IGNORE_INDEX
+    if bool(mask.all()):
+        return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    return hidden[mask], labels[mask]
 
 
 def _gathered_only_in_forward(weight: Tensor) -> bool:
