@@ -4,8 +4,8 @@ What a change to the model or the loss buys, as a paired ratio: the other checko
 worktree of the commit before, ``git worktree add /tmp/before COMMIT``) is imported under another
 package name, both steps run on the same tokens and are timed A B A B … (``timing.py``).
 
-    python benchmarks/before_after.py /tmp/before [--rules delta deltanet linear]
-        [--segments 4 16] [--rounds 7] [--steps 2] [--json PATH]
+    python benchmarks/before_after.py /tmp/before [--shape tiny|4x-tiny]
+        [--rules delta deltanet linear] [--segments 4 16] [--rounds 7] [--steps 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from peers import SHAPE_OVERRIDES
 from timing import interleaved, median_rate  # benchmarks/ is on sys.path when run as a script
 
 from infinitrain.model import preset
@@ -51,13 +52,14 @@ def loss_function(package: str) -> Callable:
         return importlib.import_module(f"{package}.training.module").supervised_loss_sum
 
 
-def training_step(package: str, rule: str, segments: int) -> Callable[[], None]:
-    """One tiny-model step of ``package`` on fixed tokens: hidden states, the trainer's loss,
-    backward, AdamW."""
+def training_step(package: str, shape: str, rule: str, segments: int) -> Callable[[], None]:
+    """One training step of ``package``'s model of ``shape`` on fixed tokens: hidden states,
+    the trainer's loss, backward, AdamW."""
     model_module = importlib.import_module(f"{package}.model")
     loss = loss_function(package)
     torch.manual_seed(0)
-    model = model_module.InfiniTransformer(model_module.preset("tiny", memory_rule=rule))
+    model = model_module.InfiniTransformer(
+        model_module.preset("tiny", memory_rule=rule, **SHAPE_OVERRIDES[shape]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     length = segments * model.config.segment_len
     ids = torch.randint(0, model.config.vocab_size, (BATCH, length))
@@ -75,6 +77,7 @@ def training_step(package: str, rule: str, segments: int) -> Callable[[], None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("before", type=Path, help="the other checkout's root directory")
+    parser.add_argument("--shape", choices=SHAPE_OVERRIDES, default="tiny")
     parser.add_argument("--rules", nargs="+", default=["delta", "deltanet", "linear"])
     parser.add_argument("--segments", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--rounds", type=int, default=7)
@@ -82,19 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     import_checkout(args.before)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tiny, batch {BATCH}; "
-          f"before: {args.before}", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.shape}, "
+          f"batch {BATCH}; before: {args.before}", flush=True)
+    segment_len = preset("tiny", **SHAPE_OVERRIDES[args.shape]).segment_len
     results = []
     for rule in args.rules:
         for segments in args.segments:
-            timings = interleaved({"before": training_step(BEFORE, rule, segments),
-                                   "after": training_step("infinitrain", rule, segments)},
+            timings = interleaved({"before": training_step(BEFORE, args.shape, rule, segments),
+                                   "after": training_step("infinitrain", args.shape, rule,
+                                                          segments)},
                                   rounds=args.rounds, steps=args.steps)
-            tokens = BATCH * segments * preset("tiny").segment_len
+            tokens = BATCH * segments * segment_len
             rates = {name: median_rate(seconds, tokens) for name, seconds in timings.items()}
             ratio = rates["after"] / rates["before"]
-            results.append({"rule": rule, "segments": segments, "tokens_per_s": rates,
-                            "after_over_before": ratio, "seconds": timings})
+            results.append({"shape": args.shape, "rule": rule, "segments": segments,
+                            "tokens_per_s": rates, "after_over_before": ratio,
+                            "seconds": timings})
             print(f"{rule:>9}, {segments:>2} segments: before {rates['before']:,.0f} tok/s, "
                   f"after {rates['after']:,.0f} tok/s, after/before {ratio:.2f}×", flush=True)
     if args.json:

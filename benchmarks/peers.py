@@ -45,11 +45,15 @@ from torch import Tensor, nn
 from infinitrain.evaluation.resources import process_peak_rss_bytes
 from infinitrain.model import InfiniTransformer, ModelConfig, preset
 
-SHAPES: dict[str, ModelConfig] = {
-    "tiny": preset("tiny"),
+SHAPE_OVERRIDES: dict[str, dict[str, int]] = {
+    "tiny": {},
     # d_model, layers and segment length doubled: 3.8M parameters, ~4× tiny's 0.92M.
-    "4x-tiny": preset("tiny", d_model=256, n_layers=4, ffn_dim=768, segment_len=128),
+    "4x-tiny": {"d_model": 256, "n_layers": 4, "ffn_dim": 768, "segment_len": 128},
 }
+"""Each benchmarked shape as overrides of the ``tiny`` preset (before_after.py builds them with
+another checkout's ``preset``)."""
+SHAPES: dict[str, ModelConfig] = {name: preset("tiny", **overrides)
+                                  for name, overrides in SHAPE_OVERRIDES.items()}
 DEFAULT_CONFIGS = ["tiny:4", "tiny:16", "4x-tiny:4", "4x-tiny:16"]
 """SHAPE:SEGMENTS per training window."""
 

@@ -228,21 +228,27 @@ def test_peers_without_training_times_nothing_but_prefill(
     assert refused.value.code == 2
 
 
-def test_before_after_times_another_checkout_against_this_one(tmp_path: Path) -> None:
+def test_before_after_times_another_checkout_against_this_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """This checkout against itself: two packages of the same code, both timed, their ratio
-    the quotient of their medians."""
+    the quotient of their medians; ``--shape 4x-tiny`` times that shape's windows (segments
+    of 128 tokens, batch 4)."""
     out = tmp_path / "before_after.json"
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "before_after.py"), str(REPO), "--rules", "delta",
-         "--segments", "1", "--rounds", "2", "--steps", "1", "--json", str(out)],
+        [sys.executable, str(BENCHMARKS / "before_after.py"), str(REPO), "--shape", "4x-tiny",
+         "--rules", "delta", "--segments", "1", "--rounds", "2", "--steps", "1",
+         "--json", str(out)],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = json.loads(out.read_text())
     rates = result["tokens_per_s"]
-    assert rates["before"] > 0 and rates["after"] > 0
+    assert result["shape"] == "4x-tiny"
+    timing = load_benchmark("timing", monkeypatch)
+    for name in ("before", "after"):
+        assert rates[name] == pytest.approx(timing.median_rate(result["seconds"][name], 4 * 128))
     assert result["after_over_before"] == pytest.approx(rates["after"] / rates["before"])
-    assert "after/before" in done.stdout
+    assert "after/before" in done.stdout and "4x-tiny" in done.stdout
 
 
 def test_the_matmul_bound_counts_the_matrix_products_of_a_step(
