@@ -20,10 +20,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from peers import SHAPE_OVERRIDES
+from peers import SHAPE_OVERRIDES, SHAPES
 from timing import interleaved, median_rate  # benchmarks/ is on sys.path when run as a script
-
-from infinitrain.model import preset
 
 BATCH = 4
 BEFORE = "infinitrain_before"
@@ -87,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import_checkout(args.before)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.shape}, "
           f"batch {BATCH}; before: {args.before}", flush=True)
-    segment_len = preset("tiny", **SHAPE_OVERRIDES[args.shape]).segment_len
+    segment_len = SHAPES[args.shape].segment_len
     results = []
     for rule in args.rules:
         for segments in args.segments:
