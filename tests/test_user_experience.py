@@ -106,7 +106,7 @@ def test_a_run_prints_our_banner_and_summary_not_lightnings_noise(run):
     for noise in ("GPU available", "TPU available", "litlogger", "FLOPs", "Trainer.fit"):
         assert noise not in output, output
     assert f"run directory: {out_dir}" in output and "parameters" in output
-    assert "1 × CPU process" in output
+    assert "1 × CPU process" in output and "1 CPU thread each" in output  # OMP_NUM_THREADS=1
     done = next(line for line in output.splitlines() if line.startswith("Done:"))
     assert f"steps 0 → {STEPS}" in done and f"{STEPS * TOKENS_PER_STEP:,} tokens" in done
     assert "loss" in done and "best" in done

@@ -243,12 +243,13 @@ def start_banner(recipe: Recipe, summary: RunSummary, name: str, run_plan: Plan,
     summary (whose FLOPs column reads 0 for this model)."""
     device = "GPU" if run_plan.accelerator == "gpu" else "CPU process"
     start = f"resuming at step {start_step:,}" if start_step else "from step 0"
+    threads = torch.get_num_threads()
     return "\n".join((
         f"{name}: {human_count(summary.parameters)} parameters; memory state "
         f"{human_bytes(summary.memory_state_bytes_per_stream)} per stream × "
         f"{recipe.data.streams} per device",
         f"devices: {run_plan.world_size} × {device} ({run_plan.kind}, {run_plan.precision}), "
-        f"{torch.get_num_threads()} CPU threads each",
+        f"{threads} CPU thread{'s' if threads > 1 else ''} each",
         f"steps: {start} to {stop_at:,} (schedule {recipe.train.max_steps:,}), "
         f"{summary.tokens_per_step:,} tokens each",
         f"run directory: {out_dir}"))
