@@ -109,7 +109,17 @@ BAD_RECIPES = {
     "missing data path": (lambda r: r["data"]["sources"][0].update(files=["nowhere.jsonl.gz"]),
                           "data.sources.0.files: nowhere.jsonl.gz: no such file"),
     "unknown model field": (lambda r: r["model"].update(layers=3),
-                            "model.layers: unknown field; allowed: init, preset, vocab_size"),
+                            "model.layers: unknown field (did you mean model.n_layers?); "
+                            "allowed: init, preset, vocab_size"),
+    "misspelt field": (lambda r: r["train"].update(max_step=3),
+                       "train.max_step: unknown field (did you mean train.max_steps?); "
+                       "allowed: max_steps,"),
+    "field in another section": (lambda r: r["train"].update(lr=1e-3),
+                                 "train.lr: unknown field (did you mean optim.lr?); allowed:"),
+    "source field at the data level": (
+        lambda r: r["data"].update(files=["a.jsonl"]),
+        "data.files: unknown field (did you mean data.sources.<i>.files or "
+        "data.validation.sources.<i>.files?)"),
     "bad model value": (lambda r: r["model"].update(n_kv_heads=3),
                         "model.n_kv_heads = 3: must divide model.n_heads = 4"),
     "unknown choice": (lambda r: r["train"].update(precision="fp8"),
@@ -169,6 +179,8 @@ def test_a_recipe_saved_with_retired_fields_at_their_old_defaults_loads_the_same
     (["--set", "optim.lr"], "--set 'optim.lr': expected FIELD=VALUE"),
     (["--set", "data.sources.3.files=[a]"], "--set data.sources.3: no list item '3'"),
     (["--set", "optim.lr=abc"], "optim.lr = 'abc': expected a number"),
+    (["--set", "trian.seed=3"], "trian: unknown field (did you mean train?)"),
+    (["--set", "logging.seed=3"], "logging.seed: unknown field (did you mean train.seed?)"),
 ])
 def test_bad_overrides_fail_in_one_clear_line(args, message):
     result = invoke("pretrain", "--recipe", "tiny", "--dry-run", *args)

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from .schema import Recipe
-from .typed import RecipeError, dataclass_from_plain, to_plain
+from .typed import RecipeError, UnknownFieldError, dataclass_from_plain, schema_paths, to_plain
 
 RECIPE_PACKAGE = "infinitrain.recipes"
 SUFFIX = ".yaml"
@@ -107,7 +107,10 @@ def _index(items: list, key: str, where: str) -> int:
 
 
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
-    return dataclass_from_plain(Recipe, raw, "")
+    try:
+        return dataclass_from_plain(Recipe, raw, "")
+    except UnknownFieldError as error:  # train.lr: say that optim.lr is the field
+        raise error.suggesting(schema_paths(Recipe)) from None
 
 
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> tuple[str, Recipe]:

@@ -17,7 +17,7 @@ from ..data.sources import SourceConfig
 from ..data.streams import StreamConfig
 from ..model import ConfigError, ModelConfig, preset
 from ..model.config import without_retired
-from .typed import RecipeError, field_error, from_plain
+from .typed import RecipeError, UnknownFieldError, field_error, from_plain
 
 SEED_LIMIT = 2**32
 """Seeds must be below this: numpy's and Lightning's generators take 32-bit seeds."""
@@ -41,6 +41,11 @@ class ModelSection:
     def config(self) -> ModelConfig:
         return preset(self.preset, **self.overrides)
 
+    @staticmethod
+    def plain_fields() -> list[str]:
+        """The fields ``model:`` takes in YAML: its own, then every ModelConfig field."""
+        return ["init", "preset", *typing.get_type_hints(ModelConfig)]
+
     @classmethod
     def from_plain(cls, value: Any, path: str) -> ModelSection:
         if not isinstance(value, dict):
@@ -55,8 +60,7 @@ class ModelSection:
             raise RecipeError(str(error)) from None
         for key, item in kept.items():
             if key not in hints:
-                allowed = ", ".join([*sorted(own), *hints])
-                raise RecipeError(f"{path}.{key}: unknown field; allowed: {allowed}")
+                raise UnknownFieldError(f"{path}.{key}", cls.plain_fields())
             overrides[key] = from_plain(hints[key], item, f"{path}.{key}")
         section = cls(preset=from_plain(str, value.get("preset", cls.preset), f"{path}.preset"),
                       init=from_plain(str | None, value.get("init"), f"{path}.init"),

@@ -8,10 +8,12 @@ own conversion with ``from_plain(value, path)`` / ``to_plain()``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
 import typing
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Union
 
 from ..model.config import ConfigError, without_retired
@@ -26,6 +28,53 @@ class RecipeError(ValueError):
 
 def field_error(path: str, value: Any, allowed: str) -> RecipeError:
     return RecipeError(f"{path} = {value!r}: {allowed}")
+
+
+class UnknownFieldError(RecipeError):
+    """A key written where its section has no such field. The message suggests the field it
+    most likely means: one of the section's own of a similar spelling, or, through
+    :meth:`suggesting`, a field of that name in another section (``train.lr`` for ``optim.lr``)."""
+
+    def __init__(self, where: str, known: Sequence[str], suggestions: Sequence[str] = ()) -> None:
+        self.where, self.known = where, list(known)
+        section, _, key = where.rpartition(".")
+        if not suggestions:
+            suggestions = [f"{section}.{name}" if section else name
+                           for name in difflib.get_close_matches(key, self.known, n=2)]
+        hint = f" (did you mean {' or '.join(suggestions)}?)" if suggestions else ""
+        super().__init__(f"{where}: unknown field{hint}; allowed: {', '.join(self.known)}")
+
+    def suggesting(self, schema_paths: Iterable[str]) -> UnknownFieldError:
+        """This error, suggesting the fields of ``schema_paths`` (every dotted path of the whole
+        schema) that have this key's name, where there are any."""
+        key = self.where.rpartition(".")[2]
+        elsewhere = [path for path in schema_paths if path.rpartition(".")[2] == key]
+        return UnknownFieldError(self.where, self.known, elsewhere) if elsewhere else self
+
+
+def schema_paths(cls: type, prefix: str = "") -> list[str]:
+    """The dotted path of every field of dataclass ``cls`` and of the dataclasses it nests (a
+    list's items as ``<i>``). A class that converts itself names its YAML fields with
+    ``plain_fields()``."""
+    if hasattr(cls, "plain_fields"):
+        return [prefix + name for name in cls.plain_fields()]
+    paths = []
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        path = prefix + field.name
+        types_in_hint = _flattened(hints[field.name])
+        nested = [tp for tp in types_in_hint if dataclasses.is_dataclass(tp)]
+        if not nested:
+            paths.append(path)
+        item = ".<i>" if any(typing.get_origin(tp) is list for tp in types_in_hint) else ""
+        for inner in nested:
+            paths += schema_paths(inner, f"{path}{item}.")
+    return paths
+
+
+def _flattened(tp: Any) -> list[Any]:
+    """``tp`` and its type arguments, recursively (``list[A] | None`` -> list[A], A, None)."""
+    return [tp, *(inner for arg in typing.get_args(tp) for inner in _flattened(arg))]
 
 
 def from_plain(tp: Any, value: Any, path: str) -> Any:
@@ -101,8 +150,7 @@ def dataclass_from_plain(cls: type, value: Any, path: str) -> Any:
     known = field_names(cls)
     for key in value:
         if key not in known:
-            where = f"{path}.{key}" if path else str(key)
-            raise RecipeError(f"{where}: unknown field; allowed: {', '.join(known)}")
+            raise UnknownFieldError(f"{path}.{key}" if path else str(key), known)
     kwargs = {}
     for field in dataclasses.fields(cls):
         where = f"{path}.{field.name}" if path else field.name
