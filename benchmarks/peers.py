@@ -85,12 +85,15 @@ def adamw_step(optimizer: torch.optim.Optimizer) -> None:
 
 
 def infinitrain_train_step(config: ModelConfig, segments: int, batch: int,
-                           compiled: bool = False) -> Callable[[], None]:
+                           compiled: bool = False, memory: bool = True) -> Callable[[], None]:
     """The trainer's own step (infinitrain/training/module.py): hidden states, then the fused
     output layer + summed cross-entropy, chunked so that a window's full logits never exist;
-    ``compiled``: with train.compile (the untimed warm-up step compiles)."""
+    ``compiled``: with train.compile (the untimed warm-up step compiles); ``memory`` False:
+    no layer has a memory (local attention only), to show what the memory costs."""
     from infinitrain.training.loss import supervised_loss_sum
 
+    if not memory:
+        config = config.with_updates(memory_from_layer=config.n_layers)
     model = InfiniTransformer(config).train()
     if compiled:
         model.compile_blocks(dynamic=False)
@@ -238,6 +241,10 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
          "train: as infinitrain, with train.compile (torch.compile of every block; --compile "
          "only).",
          functools.partial(infinitrain_train_step, compiled=True), None),
+    Impl("infinitrain-memory-off", None, None,
+         "train: as infinitrain, with no layer's memory (model.memory_from_layer = n_layers: "
+         "local attention only); its ratio is what the memory costs (--memory-off only).",
+         functools.partial(infinitrain_train_step, memory=False), None),
     Impl("lucidrains", "infini_transformer_pytorch", "infini-transformer-pytorch",
          "train: InfiniTransformerWrapper(window, backward=True), segment by segment, delta rule, "
          "memories kept differentiable over the window (detach_mems_every_num_segments = k), "
@@ -464,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest Llama prefill (tokens); longer lengths are skipped")
     parser.add_argument("--compile", action="store_true",
                         help="also time infinitrain's training step with train.compile")
+    parser.add_argument("--memory-off", action="store_true",
+                        help="also time infinitrain's training step without any memory (local "
+                             "attention only): what the memory costs, side by side")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny:4, 2 rounds of 1 step, prefill 2K tokens")
     parser.add_argument("--json", type=Path, help="also write every raw timing here")
@@ -490,8 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         impl_name, shape_name, tokens = args.prefill_child
         print(json.dumps(prefill_child(impl_name, shape_name, int(tokens), args.prefill_window)))
         return 0
-    chosen = {name: impl for name, impl in IMPLS.items()
-              if args.compile or name != "infinitrain-compiled"}
+    opted_out = {"infinitrain-compiled": not args.compile,
+                 "infinitrain-memory-off": not args.memory_off}
+    chosen = {name: impl for name, impl in IMPLS.items() if not opted_out.get(name)}
     reasons = {name: skip_reason(impl) for name, impl in chosen.items()}
     impls = [impl for name, impl in chosen.items() if reasons[name] is None]
     versions, skipped = package_versions(), [reason for reason in reasons.values() if reason]
