@@ -23,6 +23,7 @@ from infinitrain.data.documents import Document
 from infinitrain.data.tokenizer import load_tokenizer
 from infinitrain.evaluation.options import (
     OptionError,
+    format_accuracy,
     format_tokens,
     parse_depths,
     parse_lengths,
@@ -67,6 +68,13 @@ def cli(*args: object) -> tuple[int, str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # options and errors
+
+
+def test_an_accuracy_reads_100_or_0_percent_only_when_exact():
+    """959 right of 960 is not 100%, nor 1 of 960 0%: the figures a README quotes."""
+    shown = [format_accuracy(k / n) for k, n in ((960, 960), (959, 960), (1, 960), (0, 960),
+                                                 (1, 2), (2, 3), (1999, 2000))]
+    assert shown == ["100%", "99.9%", "0.1%", "0%", "50%", "67%", "99.95%"]
 
 
 def test_lengths_and_depths_parse():

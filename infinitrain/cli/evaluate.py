@@ -165,7 +165,7 @@ def passkey(
     """Passkey retrieval (Landmark format, greedy) per length × depth, with bounded memory."""
     from ..data.passkey import FILLER, PasskeyGenerator, load_haystack
     from ..data.sources import source_for
-    from ..evaluation.options import format_tokens, parse_depths, parse_lengths
+    from ..evaluation.options import format_accuracy, format_tokens, parse_depths, parse_lengths
     from ..evaluation.passkey import PasskeySettings, evaluate_passkey, length_offsets
     from ..evaluation.plots import curves, heatmap
     from ..evaluation.report import write_json
@@ -197,7 +197,7 @@ def passkey(
                 plot, title="Passkey retrieval accuracy", row_labels=[f"{d:g}" for d in
                                                                       settings.depths],
                 col_labels=[format_tokens(n) for n in settings.lengths], row_title="depth",
-                col_title="prompt length (tokens)", cmap="RdYlGn", fmt="{:.0%}")
+                col_title="prompt length (tokens)", cmap="RdYlGn", fmt=format_accuracy)
         written("plot", plot)
     if offset_plot is not None:
         by_depth = {f"depth {d:g}": result.accuracy_by_end_position(d) for d in settings.depths}

@@ -64,6 +64,19 @@ def format_tokens(count: int) -> str:
     return str(count)
 
 
+def format_accuracy(fraction: float) -> str:
+    """0.999 -> '99.9%', 0.5 -> '50%': whole percents, with as many decimals as it takes never
+    to print '100%' for a score that missed something (959 of 960) nor '0%' for one that got
+    something right."""
+    decimals = 0
+    while True:
+        text = f"{100 * fraction:.{decimals}f}"
+        exact = fraction in (0.0, 1.0)
+        if exact or float(text) not in (0.0, 100.0):
+            return f"{text}%"
+        decimals += 1
+
+
 def human_count(n: float) -> str:
     """918152 -> '918K', 1235814400 -> '1.24B': parameter counts at a glance, never '0.00B'."""
     for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):

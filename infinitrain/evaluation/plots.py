@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from matplotlib import colormaps
@@ -22,8 +22,8 @@ def _save(figure: Figure, path: str | Path) -> Path:
 def heatmap(values: Sequence[Sequence[float]], path: str | Path, *, title: str,
             row_labels: Sequence[str], col_labels: Sequence[str], row_title: str,
             col_title: str, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis",
-            fmt: str = "{:.2f}") -> Path:
-    """A labelled heatmap with each cell's value written in it."""
+            fmt: Callable[[float], str] = "{:.2f}".format) -> Path:
+    """A labelled heatmap with each cell's value written in it as ``fmt`` formats it."""
     rows, cols = len(row_labels), len(col_labels)
     figure = Figure(figsize=(max(4.0, 0.9 * cols + 2), max(3.0, 0.5 * rows + 1.5)))
     axes = figure.add_subplot()
@@ -38,7 +38,7 @@ def heatmap(values: Sequence[Sequence[float]], path: str | Path, *, title: str,
             value = values[r][c]
             red, green, blue, _ = image.cmap(image.norm(value))
             dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
-            axes.text(c, r, fmt.format(value), ha="center", va="center",
+            axes.text(c, r, fmt(value), ha="center", va="center",
                       color="white" if dark else "black", fontsize=8)
     figure.colorbar(image, ax=axes)
     return _save(figure, path)

@@ -13,7 +13,7 @@ from .booksum import BookSumResult
 from .gates import GateReport
 from .harness import Metric
 from .needle_trace import NeedleTraceResult
-from .options import format_tokens, human_bytes
+from .options import format_accuracy, format_tokens, human_bytes
 from .passkey import PasskeyResult
 from .perplexity import PerplexityResult, position_ranges
 from .training_log import TrainingLog
@@ -23,7 +23,7 @@ PAPER_BOOKSUM = "paper, 8B at 500K, linear+delta: R-1 40.0, R-2 8.8, R-L 17.9, o
 
 def _percent(value: float) -> str:
     colour = "green" if value >= 0.9 else "yellow" if value >= 0.5 else "red"
-    return f"[{colour}]{100 * value:.0f}%[/]"
+    return f"[{colour}]{format_accuracy(value)}[/]"
 
 
 def passkey_table(result: PasskeyResult) -> Table:
