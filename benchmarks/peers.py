@@ -84,6 +84,11 @@ def adamw_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def benchmarked_config(config: ModelConfig, memory: bool = True) -> ModelConfig:
+    """``config``, or with ``memory`` False the same model with no layer's memory."""
+    return config if memory else config.with_updates(memory_from_layer=config.n_layers)
+
+
 def infinitrain_train_step(config: ModelConfig, segments: int, batch: int,
                            compiled: bool = False, memory: bool = True) -> Callable[[], None]:
     """The trainer's own step (infinitrain/training/module.py): hidden states, then the fused
@@ -92,9 +97,7 @@ def infinitrain_train_step(config: ModelConfig, segments: int, batch: int,
     no layer has a memory (local attention only), to show what the memory costs."""
     from infinitrain.training.loss import supervised_loss_sum
 
-    if not memory:
-        config = config.with_updates(memory_from_layer=config.n_layers)
-    model = InfiniTransformer(config).train()
+    model = InfiniTransformer(benchmarked_config(config, memory)).train()
     if compiled:
         model.compile_blocks(dynamic=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)

@@ -176,6 +176,19 @@ def test_a_peer_that_is_not_importable_is_skipped_with_the_install_command(
     assert peers.skip_reason(peers.IMPLS["llama"]) is None  # transformers is a dependency
 
 
+def test_the_memory_off_step_is_the_same_model_without_any_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    peers = load_benchmark("peers", monkeypatch)
+    shape = peers.SHAPES["4x-tiny"]
+    with_memory = InfiniTransformer(peers.benchmarked_config(shape))
+    without = InfiniTransformer(peers.benchmarked_config(shape, memory=False))
+    assert all(block.attn.has_memory for block in with_memory.layers)
+    assert not any(block.attn.has_memory for block in without.layers)
+    gates = {"gate", "write_weight", "write_bias"}  # the memory's only parameters
+    assert ({name for name, _ in with_memory.named_parameters() if name.split(".")[-1] not in gates}
+            == {name for name, _ in without.named_parameters()})
+
+
 def test_peers_quick_run_reports_medians_and_their_ratios(tmp_path: Path) -> None:
     """The script's own command line in a fresh process (its prefill runs start children of
     their own), with or without the lucidrains package installed."""
