@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from infinitrain.model import InfiniTransformer, preset
 from infinitrain.model import attention as attention_module
+from infinitrain.training.optim import GATE_PARAMETERS
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu.py"
@@ -184,8 +185,8 @@ def test_the_memory_off_step_is_the_same_model_without_any_memory(
     without = InfiniTransformer(peers.benchmarked_config(shape, memory=False))
     assert all(block.attn.has_memory for block in with_memory.layers)
     assert not any(block.attn.has_memory for block in without.layers)
-    gates = {"gate", "write_weight", "write_bias"}  # the memory's only parameters
-    assert ({name for name, _ in with_memory.named_parameters() if name.split(".")[-1] not in gates}
+    assert ({name for name, _ in with_memory.named_parameters()
+             if name.split(".")[-1] not in GATE_PARAMETERS}  # the memory's only parameters
             == {name for name, _ in without.named_parameters()})
 
 

@@ -68,10 +68,10 @@ def format_accuracy(fraction: float) -> str:
     """0.999 -> '99.9%', 0.5 -> '50%': whole percents, with as many decimals as it takes never
     to print '100%' for a score that missed something (959 of 960) nor '0%' for one that got
     something right."""
+    exact = fraction in (0.0, 1.0)
     decimals = 0
     while True:
         text = f"{100 * fraction:.{decimals}f}"
-        exact = fraction in (0.0, 1.0)
         if exact or float(text) not in (0.0, 100.0):
             return f"{text}%"
         decimals += 1
