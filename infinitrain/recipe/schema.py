@@ -22,6 +22,9 @@ from .typed import RecipeError, UnknownFieldError, field_error, from_plain
 SEED_LIMIT = 2**32
 """Seeds must be below this: numpy's and Lightning's generators take 32-bit seeds."""
 
+MODEL_SECTION_OWN_FIELDS = ("init", "preset")
+"""The keys of ``model:`` that are not ModelConfig fields."""
+
 
 @dataclass
 class ModelSection:
@@ -44,17 +47,17 @@ class ModelSection:
     @staticmethod
     def plain_fields() -> list[str]:
         """The fields ``model:`` takes in YAML: its own, then every ModelConfig field."""
-        return ["init", "preset", *typing.get_type_hints(ModelConfig)]
+        return [*MODEL_SECTION_OWN_FIELDS, *typing.get_type_hints(ModelConfig)]
 
     @classmethod
     def from_plain(cls, value: Any, path: str) -> ModelSection:
         if not isinstance(value, dict):
             raise field_error(path, value, "expected a mapping with preset, init and model fields")
         hints = typing.get_type_hints(ModelConfig)
-        own = {"preset", "init"}
         overrides = {}
         try:
-            kept = without_retired({key: item for key, item in value.items() if key not in own},
+            kept = without_retired({key: item for key, item in value.items()
+                                    if key not in MODEL_SECTION_OWN_FIELDS},
                                    path=path)
         except ConfigError as error:
             raise RecipeError(str(error)) from None
